@@ -1,0 +1,269 @@
+"""Typed, validated params: one section per stage, every field documented.
+
+`load(path)` reads params.yaml and validates ALL of it (so a typo anywhere fails the first stage,
+before any compute); a stage then reads only its own section(s). An unknown key, a wrong type or a
+value out of range raises ConfigError with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing error about params.yaml or an input file."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------- model & data
+
+class EmbeddedModel(Section):
+    vocab_size: int = Field(300, ge=262, le=65536)
+    """BPE vocabulary of the embedded tokenizer (byte alphabet 256 + specials + merges)."""
+    hidden_size: int = Field(128, ge=8)
+    """Width of the tiny Llama."""
+    num_layers: int = Field(4, ge=1)
+    """Decoder layers."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads (and KV heads)."""
+    intermediate_size: int = Field(384, ge=8)
+    """MLP width."""
+    max_positions: int = Field(64, ge=16)
+    """Longest sequence (prompt + completion) the model accepts."""
+
+
+class ModelConfig(Section):
+    name_or_path: str = "embedded"
+    """`embedded` (tiny Llama built from a config, no network), a local model directory, or a hub id
+    already in the local Hugging Face cache (e.g. Qwen/Qwen2.5-0.5B-Instruct)."""
+    embedded: EmbeddedModel = EmbeddedModel()
+
+
+class EmbeddedData(Section):
+    max_operand: int = Field(50, ge=2, le=1000)
+    """Problems are a+b with 0 <= a, b < max_operand."""
+    n_sft: int = Field(20000, ge=1)
+    """SFT demonstrations (drawn with replacement from the training problems)."""
+    carry_slip: float = Field(0.6, ge=0.0, le=1.0)
+    """Share of SFT demonstrations of carrying problems (7+5 >= 10 in the units) that drop the carry:
+    a systematic demonstrator error that caps SFT accuracy and that preferences and the verifier fix."""
+    sft_noise: float = Field(0.05, ge=0.0, lt=1.0)
+    """Share of the other SFT demonstrations with a random plausible mistake."""
+    n_preference: int = Field(4000, ge=2)
+    """Preference pairs for the reward model (chosen = right, rejected = plausible mistake)."""
+    n_prompts: int = Field(2000, ge=1)
+    """Training prompts for sampling (pairs stage, online methods)."""
+    n_eval: int = Field(300, ge=1)
+    """Held-out problems for evaluation; no training set contains them."""
+
+
+class DataConfig(Section):
+    sft: str = "embedded"
+    """SFT set: `embedded`, a local .jsonl/.json/.parquet file, a local dataset directory or a hub
+    dataset name, optionally `name:split`. Columns: prompt/completion or messages (TRL conventions)."""
+    preference: str = "embedded"
+    """Preference pairs for the reward model: prompt/chosen/rejected."""
+    prompts: str = "embedded"
+    """Training prompts: prompt, plus the verifier's `answer` column where a verifier is used."""
+    eval: str = "embedded"
+    """Held-out prompts: prompt/answer."""
+    answer_column: str = "answer"
+    """Column holding the reference answer the verifier checks against."""
+    embedded: EmbeddedData = EmbeddedData()
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+class OptimConfig(Section):
+    lr: float = Field(1.0e-3, gt=0, le=1.0)
+    """Peak learning rate (AdamW)."""
+    batch_size: int = Field(64, ge=1)
+    """Examples per optimizer step."""
+    steps: int = Field(1000, ge=1)
+    """Optimizer steps."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warm-up (to 10% of peak for cosine, 0 for linear)."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    log_every: int = Field(10, ge=1)
+    """Steps between logged metrics."""
+    checkpoint_every: int = Field(200, ge=1)
+    """Steps between resumable checkpoints."""
+
+
+class PolicyConfig(OptimConfig):
+    """Training a policy (SFT and every alignment method): optimisation plus the accuracy probe."""
+
+    probes: int = Field(10, ge=0)
+    """Greedy verifier-accuracy probes on `probe_size` training prompts, spread over training; the
+    spread of the last ones is the comparison's stability figure (0: off)."""
+    probe_size: int = Field(64, ge=1)
+    """Training prompts in the probe."""
+
+
+class SFTConfig(PolicyConfig):
+    """Cross-entropy on response tokens only."""
+
+
+class RewardConfig(OptimConfig):
+    init_from: Literal["sft", "base"] = "sft"
+    """Backbone of the reward model: the SFT model (usual, InstructGPT) or the base model."""
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    """Share of preference pairs held out to measure pairwise accuracy."""
+    center_coef: float = Field(0.0, ge=0.0)
+    """Reward centering coefficient c in c·mean((r_c + r_r)²) (Eisenstein et al.; TRL 0.01 when on)."""
+    min_accuracy: float = Field(0.0, ge=0.0, le=1.0)
+    """Fail the stage when held-out pairwise accuracy is below this."""
+
+
+class RewardWeights(Section):
+    """A weighted mix of rewards. A reward that cannot be computed for a row is excluded, not 0."""
+
+    reward_model: float = Field(1.0, ge=0.0)
+    """Weight of the reward-model score."""
+    verifier: float = Field(0.0, ge=0.0)
+    """Weight of the verifier (1 if the answer checks, 0 if not; None if it cannot run)."""
+    format: float = Field(0.0, ge=0.0)
+    """Weight of the format reward (1 if the completion ended by EOS and fully matches format_pattern)."""
+    format_pattern: str = r"\d{1,3}"
+    """Regular expression a well-formed completion matches (the embedded task: 1 to 3 digits)."""
+
+    @model_validator(mode="after")
+    def _some_weight(self):
+        if self.reward_model == 0 and self.verifier == 0 and self.format == 0:
+            raise ValueError("at least one reward weight must be > 0")
+        return self
+
+
+class PairsConfig(Section):
+    num_samples: int = Field(8, ge=2)
+    """K completions sampled per prompt from the SFT policy."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Sampling temperature."""
+    max_new_tokens: int = Field(8, ge=1)
+    """Longest completion; one without EOS is truncated (and scored by the rewards as such)."""
+    max_prompts: int = Field(0, ge=0)
+    """Use at most this many training prompts (0: all)."""
+    batch_size: int = Field(128, ge=1)
+    """Sequences per generation / scoring batch."""
+    score: RewardWeights = RewardWeights(reward_model=1.0, verifier=1.0)
+    """How completions are ranked: chosen = best, rejected = worst; equal best and worst is a tie (dropped)."""
+
+
+# ---------------------------------------------------------------------------------------------- align
+
+class DPOConfig(PolicyConfig):
+    beta: float = Field(0.1, gt=0.0)
+    """KL strength β (Rafailov et al. 2023; TRL default 0.1)."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Conservative DPO ε: the assumed rate of flipped labels (0 = plain DPO)."""
+    epochs: int = Field(0, ge=0)
+    """If > 0, overrides `steps` with this many passes over the pairs."""
+
+
+METHOD_CONFIGS: dict[str, type[Section]] = {"dpo": DPOConfig}
+"""Known alignment methods and their params sections (align.<method>)."""
+
+
+class AlignConfig(Section):
+    methods: list[str] = ["dpo"]
+    """Methods run as align@<method> stages, each with its own params section below."""
+    dpo: DPOConfig = DPOConfig()
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, methods: list[str]) -> list[str]:
+        for m in methods:
+            if m not in METHOD_CONFIGS:
+                raise ValueError(f"unknown method {m!r} (known: {', '.join(METHOD_CONFIGS)})")
+        if len(set(methods)) != len(methods):
+            raise ValueError("a method is listed twice")
+        if not methods:
+            raise ValueError("list at least one method")
+        return methods
+
+    def method(self, name: str) -> Section:
+        return getattr(self, name)
+
+
+class EvaluateConfig(Section):
+    max_new_tokens: int = Field(8, ge=1)
+    """Longest completion generated at evaluation."""
+    max_prompts: int = Field(0, ge=0)
+    """Evaluate at most this many held-out prompts (0: all)."""
+    kl_samples: int = Field(4, ge=1)
+    """Sampled completions per prompt for the KL-to-reference estimate."""
+    batch_size: int = Field(128, ge=1)
+    """Sequences per generation / scoring batch."""
+
+
+class Params(Section):
+    seed: int = 0
+    """Seed of everything random: data, initialisation, sampling, data order."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sft: SFTConfig = SFTConfig()
+    reward: RewardConfig = RewardConfig()
+    pairs: PairsConfig = PairsConfig()
+    align: AlignConfig = AlignConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-4 as a float (YAML 1.1 wants 1.0e-4)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.\d*|\.\d+|\d[\d_]*)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in e and not isinstance(e["input"], (dict, list)):
+        msg += f" (got {e['input']!r})"
+    return f"{source}: {key}: {msg}" if key else f"{source}: {msg}"
+
+
+def parse(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def loads(text: str, source: str = "params.yaml") -> Params:
+    try:
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    return parse(raw, source)
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    return loads(path.read_text(), str(path))

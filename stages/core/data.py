@@ -1,0 +1,194 @@
+"""Datasets in TRL's column conventions: loading, row validation, tokenization, collation.
+
+Sources: a local .jsonl/.json/.parquet file, a local dataset directory or a hub dataset name
+(`name` or `name:split`, read from the local HF cache; nothing is downloaded). A hub name and a local
+directory go through the same `datasets.load_dataset` call.
+
+Formats (each "standard" = strings, or "conversational" = lists of {role, content} messages):
+  sft:         prompt/completion, or messages (the last assistant turn is the completion)
+  preference:  prompt/chosen/rejected
+  prompts:     prompt (+ the answer column a verifier checks against)
+A bad row is a one-line error naming the source and the row (1-based), raised before any training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError
+from .logprobs import Sequences
+
+KIND_COLUMNS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompts": ("prompt",)}
+
+
+def load_rows(source: str, field: str) -> list[dict]:
+    """Rows of a local file, a local dataset directory or a cached hub dataset (`name[:split]`)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    name, split = source, "train"
+    if ":" in source and not Path(source).expanduser().exists():
+        name, _, split = source.rpartition(":")
+    path = Path(name).expanduser()
+    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix in builders):
+        raise ConfigError(f"{field}: {source}: no such file or directory")
+    if path.is_file() and path.suffix.lower() not in builders:
+        raise ConfigError(f"{field}: {source}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")
+    try:
+        if path.is_file():
+            ds = datasets.load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
+        else:  # a local dataset directory or a hub name: the same call
+            ds = datasets.load_dataset(str(path) if path.exists() else name, split=split)
+    except Exception as e:  # datasets raises many types; the user needs the source and the reason
+        raise ConfigError(f"{field}: {source}: could not load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return [dict(r) for r in ds]
+
+
+def _is_conversation(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def _text(x: Any) -> str:
+    """The text of a completion: a string, or the content of its messages."""
+    if isinstance(x, str):
+        return x
+    return "".join(str(m.get("content", "")) for m in x)
+
+
+def normalize(rows: list[dict], kind: str, source: str, answer_column: str = "answer") -> list[dict]:
+    """Validate rows of one kind and return them in explicit-prompt form. Errors name source and row."""
+    if not rows:
+        raise ConfigError(f"{source}: the dataset is empty")
+    out = []
+    for i, row in enumerate(rows, start=1):
+        where = f"{source}: row {i}"
+        if kind == "sft" and "messages" in row and "prompt" not in row:
+            msgs = row["messages"]
+            if not _is_conversation(msgs) or len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+                raise ConfigError(f"{where}: 'messages' must be a conversation ending with an assistant turn")
+            row = {**row, "prompt": msgs[:-1], "completion": [msgs[-1]]}
+            del row["messages"]
+        for col in KIND_COLUMNS[kind]:
+            if col not in row or row[col] is None:
+                raise ConfigError(f"{where}: missing column {col!r}")
+            if not isinstance(row[col], str) and not _is_conversation(row[col]):
+                raise ConfigError(f"{where}: column {col!r} must be a string or a list of {{role, content}} messages")
+        if not _text(row["prompt"]).strip():
+            raise ConfigError(f"{where}: empty prompt")
+        for col in KIND_COLUMNS[kind][1:]:
+            if not _text(row[col]).strip():
+                raise ConfigError(f"{where}: empty {col}")
+        if any(isinstance(row[c], str) != isinstance(row["prompt"], str) for c in KIND_COLUMNS[kind][1:]):
+            raise ConfigError(f"{where}: mixes plain-text and conversational columns")
+        if kind == "preference" and _text(row["chosen"]) == _text(row["rejected"]):
+            raise ConfigError(f"{where}: chosen equals rejected")
+        keep = {c: row[c] for c in KIND_COLUMNS[kind]}
+        if kind == "prompts" and row.get(answer_column) is not None:
+            keep["answer"] = str(row[answer_column])
+        out.append(keep)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Batch-encode with the Rust tokenizer (the per-call Python path costs ~0.3 ms a string)."""
+    if not texts:
+        return []
+    unique = list(dict.fromkeys(texts))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        ids = tokenizer(unique, add_special_tokens=add_special_tokens)["input_ids"]
+    else:
+        ids = [e.ids for e in backend.encode_batch(unique, add_special_tokens=add_special_tokens)]
+    by_text = dict(zip(unique, ids))
+    return [list(by_text[t]) for t in texts]
+
+
+def _render_all(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool) -> list[str]:
+    """Chat-template renderings, each distinct conversation rendered once."""
+    if conversations and not tokenizer.chat_template:
+        raise ConfigError("the tokenizer has no chat template, but the data is conversational")
+    cache: dict[str, str] = {}
+    out = []
+    for conv in conversations:
+        key = json.dumps(conv, sort_keys=True)
+        if key not in cache:
+            cache[key] = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
+                                                       tokenize=False)
+        out.append(cache[key])
+    return out
+
+
+def encode_prompts(tokenizer, prompts: list[str | list[dict]]) -> list[list[int]]:
+    """Tokens of each prompt, ending where the assistant's answer begins.
+
+    A conversational prompt is rendered with the chat template (which adds its own special tokens);
+    a standard one gets the tokenizer's special tokens (e.g. BOS).
+    """
+    out: list[list[int] | None] = [None] * len(prompts)
+    chat = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    plain = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    for idx, texts, special in ((chat, _render_all(tokenizer, [prompts[i] for i in chat], True), False),
+                                (plain, [prompts[i] for i in plain], True)):
+        for i, ids in zip(idx, _encode(tokenizer, texts, special)):
+            out[i] = ids
+    return out
+
+
+def encode_completions(tokenizer, prompts: list[str | list[dict]], completions: list[str | list[dict]],
+                       prompt_ids: list[list[int]]) -> list[list[int]]:
+    """Tokens of each completion after its prompt, ending with the turn's end (EOS for standard text)."""
+    out: list[list[int] | None] = [None] * len(prompts)
+    chat = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    plain = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    full = _encode(tokenizer, _render_all(tokenizer, [prompts[i] + completions[i] for i in chat], False), False)
+    for i, ids in zip(chat, full):
+        if ids[:len(prompt_ids[i])] != prompt_ids[i]:
+            raise ConfigError("the chat template does not render prompt+completion as an extension of the prompt")
+        out[i] = ids[len(prompt_ids[i]):]
+    texts = [_text(completions[i]) for i in plain]
+    for i, ids in zip(plain, _encode(tokenizer, texts, False)):
+        out[i] = ids + [tokenizer.eos_token_id]
+    return out
+
+
+def tokenize(tokenizer, rows: list[dict], kind: str) -> list[dict]:
+    """Add token ids to normalized rows: prompt_ids, and <column>_ids for each completion column."""
+    prompts = [r["prompt"] for r in rows]
+    p_ids = encode_prompts(tokenizer, prompts)
+    out = [{**r, "prompt_ids": ids} for r, ids in zip(rows, p_ids)]
+    for col in KIND_COLUMNS[kind][1:]:
+        for r, ids in zip(out, encode_completions(tokenizer, prompts, [r[col] for r in rows], p_ids)):
+            r[f"{col}_ids"] = ids
+    return out
+
+
+def decode_completion(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Sequences:
+    """Prompt and completion token lists → one batch in the shared layout (logprobs.Sequences)."""
+    p = max(len(x) for x in prompts)
+    c = max(len(x) for x in completions)
+    ids = torch.full((len(prompts), p + c), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (pr, co) in enumerate(zip(prompts, completions)):
+        ids[i, p - len(pr):p] = torch.tensor(pr, dtype=torch.long)
+        mask[i, p - len(pr):p] = 1
+        ids[i, p:p + len(co)] = torch.tensor(co, dtype=torch.long)
+        mask[i, p:p + len(co)] = 1
+    return Sequences(ids, mask, p)
+
+
+def collate_pairs(rows: list[dict], pad_id: int) -> Sequences:
+    """B preference pairs → one batch of 2B sequences, the B chosen first.  → Sequences [2B, P+C]"""
+    prompts = [r["prompt_ids"] for r in rows] * 2
+    completions = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    return collate(prompts, completions, pad_id)

@@ -1,0 +1,77 @@
+"""Measuring a policy: greedy answers checked by the verifier, reward-model scores, KL to a reference.
+
+The probe (greedy verifier accuracy on a fixed slice of training prompts) is logged during every
+training stage as `probe/accuracy`; its spread over the last probes is the comparison's stability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import data, rewards, rollout
+from .logprobs import Sequences, completion_logits
+
+
+@dataclass
+class Answers:
+    """Completions of a list of prompts (one each, or `n` each, grouped by prompt)."""
+
+    rollout: rollout.Rollout
+    texts: list[str]
+
+    @property
+    def seqs(self) -> Sequences:
+        return self.rollout.seqs
+
+
+def generate(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
+             temperature: float = 0.0, n: int = 1, generator: torch.Generator | None = None) -> Answers:
+    """Sample (or, at temperature 0, greedily decode) completions and decode them to text."""
+    device = next(model.parameters()).device
+    r = rollout.sample(model, prompt_ids, n, max_new_tokens, temperature, tok.eos_token_id, tok.pad_token_id,
+                       batch_size, generator, device)
+    return Answers(r, decode(tok, r.seqs))
+
+
+def decode(tok, seqs: Sequences) -> list[str]:
+    ids, mask = seqs.completion_ids.cpu(), seqs.completion_mask.cpu()
+    return [data.decode_completion(tok, row[m.bool()].tolist()) for row, m in zip(ids, mask)]
+
+
+def verifier_scores(texts: list[str], answers: list[str | None], n: int = 1) -> list[float | None]:
+    """Verifier result of each completion; completion i belongs to prompt i // n."""
+    return [rewards.verify(t, answers[i // n]) for i, t in enumerate(texts)]
+
+
+def accuracy(scores: list[float | None]) -> float | None:
+    """Mean over the completions the verifier could check; None if it could check none."""
+    checked = [s for s in scores if s is not None]
+    return sum(checked) / len(checked) if checked else None
+
+
+@torch.no_grad()
+def probe_accuracy(model, tok, probe_rows: list[dict], max_new_tokens: int, batch_size: int) -> float | None:
+    """Greedy verifier accuracy on a fixed probe set (rows with prompt_ids and answer)."""
+    if not probe_rows:
+        return None
+    ans = generate(model, tok, [r["prompt_ids"] for r in probe_rows], max_new_tokens, batch_size)
+    return accuracy(verifier_scores(ans.texts, [r.get("answer") for r in probe_rows]))
+
+
+@torch.no_grad()
+def kl_to_reference(policy, ref, seqs: Sequences, batch_size: int) -> torch.Tensor:
+    """KL(π‖π_ref) of each sequence, summed over its completion tokens with the full next-token
+    distributions (exact at each step along the sampled path; unbiased for the sequence KL when the
+    paths are sampled from π, and never negative).  → [N]
+    """
+    out = []
+    device = next(policy.parameters()).device
+    for i in range(0, len(seqs), batch_size):
+        part = seqs.select(slice(i, i + batch_size)).to(device)
+        logp = torch.log_softmax(completion_logits(policy, part).float(), -1)  # [b, C, V]
+        logq = torch.log_softmax(completion_logits(ref, part).float(), -1)  # [b, C, V]
+        per_token = (logp.exp() * (logp - logq)).sum(-1)  # [b, C]
+        out.append((per_token * part.completion_mask).sum(-1).cpu())
+    return torch.cat(out)

@@ -1,0 +1,96 @@
+"""Log-probabilities of completions under a causal LM.
+
+One sequence layout serves every stage: `[left-padded prompt | right-padded completion]`, so that all
+prompts end at the same column `prompt_len` and all completions start there. Rollouts come out of the
+sampler in this layout and offline data is collated into it (data.collate_sequences).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sequences:
+    """A batch of prompt+completion token sequences.
+
+    input_ids:        [B, P+C] left-padded prompts then right-padded completions
+    attention_mask:   [B, P+C] 1 on real tokens
+    prompt_len:       P, the column where every completion starts
+    completion_mask:  [B, C] 1 on completion tokens (EOS included), 0 on padding
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+
+    @property
+    def completion_mask(self) -> torch.Tensor:
+        return self.attention_mask[:, self.prompt_len:]
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len:]
+
+    def to(self, device) -> "Sequences":
+        return Sequences(self.input_ids.to(device), self.attention_mask.to(device), self.prompt_len)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx) -> "Sequences":
+        return Sequences(self.input_ids[idx], self.attention_mask[idx], self.prompt_len)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so left padding does not shift a prompt."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[..., index] without materialising the full log-softmax.  [B, C, V] → [B, C]"""
+    picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1).float()
+    return picked - torch.logsumexp(logits.float(), dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position.  [B, C, V] → [B, C]"""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def completion_logits(model, seqs: Sequences) -> torch.Tensor:
+    """Logits that predict each completion token: positions P-1 … P+C-2.  → [B, C, V]"""
+    n_completion = seqs.input_ids.shape[1] - seqs.prompt_len
+    out = model(
+        input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
+        position_ids=position_ids(seqs.attention_mask), logits_to_keep=n_completion + 1, use_cache=False,
+    )
+    return out.logits[:, :-1]  # [B, C, V]
+
+
+def token_logps(model, seqs: Sequences, temperature: float = 1.0, with_entropy: bool = False):
+    """Per-token log-probs of the completion tokens, 0 on padding.  → [B, C] (and entropy [B, C])."""
+    logits = completion_logits(model, seqs)  # [B, C, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    mask = seqs.completion_mask
+    logps = selective_log_softmax(logits, seqs.completion_ids) * mask  # [B, C]
+    if not with_entropy:
+        return logps
+    return logps, entropy_from_logits(logits.detach()) * mask
+
+
+@torch.no_grad()
+def batched_token_logps(model, seqs: Sequences, batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """token_logps in chunks, without grad (reference and old-policy log-probs).  → [B, C]"""
+    parts = [token_logps(model, seqs.select(slice(i, i + batch_size)), temperature)
+             for i in range(0, len(seqs), batch_size)]
+    return torch.cat(parts)
+
+
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """logp(y|x): the SUM of per-token log-probs over completion tokens.  [B, C] → [B]"""
+    return (token_logps * mask).sum(-1)

@@ -1,0 +1,47 @@
+"""What every stage entry point shares: argument parsing, the one-line error exit, the summary line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable
+
+from .config import ConfigError
+
+
+class StageFailed(Exception):
+    """The stage ran but its result fails a gate the params set (e.g. reward.min_accuracy)."""
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return p
+
+
+def run(main: Callable[[list[str] | None], str], argv: list[str] | None = None) -> None:
+    """Run a stage's main; print its one-line summary, or a one-line error and exit non-zero.
+
+    ConfigError (bad params, bad input row, missing path) exits 2 before any work is done;
+    StageFailed (a gate not met) exits 1 after the work, with no output written.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    t0 = time.perf_counter()
+    try:
+        summary = main(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: no output was written (a checkpoint, if any, resumes on rerun)", file=sys.stderr)
+        sys.exit(130)
+    print(f"{summary} [{time.perf_counter() - t0:.1f}s]")

@@ -1,0 +1,121 @@
+"""The embedded synthetic task: two-number addition with the answer's digits reversed.
+
+`12+34=` → `64` (46 written least-significant digit first). Writing the digits in reverse lets a small
+model produce each digit after the carry that decides it, so a 1M-parameter Llama learns the task in
+minutes on a CPU; the verifier is an exact string match, so the reward cannot be gamed.
+
+Everything is generated from a seed; the held-out (eval) problems never appear in any training set.
+Rows follow TRL's conversational column conventions so the same loaders serve hub datasets.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    b: int
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.a}+{self.b}="
+
+    @property
+    def answer(self) -> str:
+        return str(self.a + self.b)[::-1]
+
+    @property
+    def carries(self) -> bool:
+        """The units digits carry into the tens (17+25: 7+5 >= 10)."""
+        return self.a % 10 + self.b % 10 >= 10
+
+    @property
+    def dropped_carry(self) -> str:
+        """The answer a demonstrator who forgets the carry writes (17+25 → 32 → "23")."""
+        return str(self.a + self.b - 10)[::-1]
+
+
+def user(content: str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+def assistant(content: str) -> list[dict]:
+    return [{"role": "assistant", "content": content}]
+
+
+def wrong_answer(p: Problem, rng: random.Random) -> str:
+    """A plausible mistake: a dropped carry, an off-by-one digit, or a near miss. Never the answer."""
+    true = p.a + p.b
+    while True:
+        kind = rng.random()
+        if kind < 0.4:  # carry dropped or added: off by ten
+            cand = true + rng.choice((-10, 10))
+        elif kind < 0.8:  # one digit slipped
+            cand = true + rng.choice((-2, -1, 1, 2))
+        else:  # a wider miss
+            cand = true + rng.randint(-20, 20)
+        if cand >= 0 and cand != true:
+            return str(cand)[::-1]
+
+
+def split_problems(max_operand: int, n_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """All a+b with a, b < max_operand, shuffled; the first n_eval are held out for evaluation."""
+    problems = [Problem(a, b) for a in range(max_operand) for b in range(max_operand)]
+    random.Random(seed).shuffle(problems)
+    if n_eval >= len(problems):
+        raise ValueError(f"data.embedded.n_eval={n_eval} leaves no training problems (of {len(problems)})")
+    return problems[n_eval:], problems[:n_eval]
+
+
+def make_datasets(
+    max_operand: int, n_sft: int, carry_slip: float, sft_noise: float, n_preference: int, n_prompts: int,
+    n_eval: int, seed: int,
+) -> dict[str, list[dict]]:
+    """The four embedded sets, as rows in TRL's conversational formats.
+
+    sft:        prompt/completion from a flawed demonstrator: on problems whose units carry, a share
+                `carry_slip` of answers drop the carry (a systematic error: above 0.5 it is what a
+                model imitating the demonstrations learns); a share `sft_noise` of all answers are
+                other plausible mistakes.
+    preference: prompt/chosen/rejected (chosen = the right answer, rejected = a plausible mistake).
+    prompts:    prompt/answer, training prompts for sampling (pairs stage, online methods).
+    eval:       prompt/answer, held-out problems seen by no training set.
+    """
+    train, held_out = split_problems(max_operand, n_eval, seed)
+    rng = random.Random(seed + 1)
+
+    def pick() -> Problem:
+        return train[rng.randrange(len(train))]
+
+    sft = []
+    for _ in range(n_sft):
+        p = pick()
+        if p.carries and rng.random() < carry_slip:
+            text = p.dropped_carry
+        elif rng.random() < sft_noise:
+            text = wrong_answer(p, rng)
+        else:
+            text = p.answer
+        sft.append({"prompt": user(p.prompt), "completion": assistant(text)})
+    preference = []
+    for _ in range(n_preference):
+        p = pick()
+        preference.append(
+            {"prompt": user(p.prompt), "chosen": assistant(p.answer), "rejected": assistant(wrong_answer(p, rng))}
+        )
+    prompts = [{"prompt": user(p.prompt), "answer": p.answer} for p in (pick() for _ in range(n_prompts))]
+    evals = [{"prompt": user(p.prompt), "answer": p.answer} for p in held_out]
+    return {"sft": sft, "preference": preference, "prompts": prompts, "eval": evals}
+
+
+def corpus(max_operand: int) -> list[str]:
+    """Text the embedded tokenizer is trained on: every prompt and answer of the task."""
+    rows = []
+    for a in range(max_operand):
+        for b in range(max_operand):
+            p = Problem(a, b)
+            rows.append(p.prompt + p.answer)
+    return rows

@@ -1,0 +1,199 @@
+"""The one place stages talk to MLflow.
+
+A pipeline run is one parent run; each stage is a nested run tagged with its stage, method, git
+commit and the DVC hashes of its deps. The parent is:
+  - ALIGNPIPE_PARENT_RUN_ID when set (the Prefect flow sets it), else
+  - the run of the `dvc repro` process this stage runs under (created by its first stage), else
+  - none: a stage run by hand is a top-level run.
+Tracking URI: MLFLOW_TRACKING_URI, else a SQLite store `mlflow.db` in the project (git-ignored).
+ALIGNPIPE_TRACKING=off gives the null tracker (nothing is written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "alignpipe")
+
+
+def tracking_uri(root: str | Path | None = None) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+class NullTracker:
+    run_id = None
+
+    def log_params(self, params: dict) -> None: ...
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+
+
+class MlflowTracker:
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def client_and_experiment(root: str | Path | None = None):
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    client = MlflowClient(tracking_uri(root))
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+    return client, exp_id
+
+
+def start_parent(name: str, tags: dict | None = None, root: str | Path | None = None) -> str:
+    """Create a pipeline (parent) run and return its id."""
+    client, exp_id = client_and_experiment(root)
+    run = client.create_run(exp_id, run_name=name, tags={"alignpipe.kind": "pipeline", **(tags or {})})
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED", root: str | Path | None = None) -> None:
+    client, _ = client_and_experiment(root)
+    client.set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, method: str | None = None, params: dict | None = None,
+              deps: list[str] | tuple = ()) -> Iterator[NullTracker | MlflowTracker]:
+    """A nested MLflow run for one stage; FINISHED on success, FAILED (and re-raised) on error."""
+    if os.environ.get("ALIGNPIPE_TRACKING", "mlflow") == "off":
+        yield NullTracker()
+        return
+    client, exp_id = client_and_experiment()
+    tags = {"stage": stage, "method": method or "", "git_commit": git_commit(), "alignpipe.kind": "stage"}
+    tags.update({f"dvc.dep.{d}": dvc_hash(d) for d in deps})
+    parent = os.environ.get("ALIGNPIPE_PARENT_RUN_ID") or _dvc_session_parent(client, exp_id)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    name = f"{stage}@{method}" if method else stage
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    tracker = MlflowTracker(client, run.info.run_id)
+    if params:
+        tracker.log_params(params)
+    try:
+        yield tracker
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "none"
+    except (OSError, subprocess.SubprocessError):
+        return "none"
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dvc_hash(path: str | Path) -> str:
+    """The md5 DVC records for a dep: a file's md5, or for a directory the md5 of its sorted
+    {md5, relpath} listing with a `.dir` suffix (dvc_data.hashfile.tree.Tree.digest)."""
+    path = Path(path)
+    if path.is_file():
+        return _md5(path)
+    if not path.is_dir():
+        return "missing"
+    entries = [{"md5": _md5(f), "relpath": f.relative_to(path).as_posix()}
+               for f in sorted(path.rglob("*")) if f.is_file()]
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) of a process, from /proc (Linux); None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), fields[19]
+
+
+def _dvc_ancestor() -> str | None:
+    """`<pid>:<start time>` of the `dvc` process this one runs under, if any."""
+    pid = os.getppid()
+    for _ in range(8):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        names = [Path(a.decode(errors="replace")).name for a in argv[:3]]
+        if "dvc" in names:
+            stat = _proc_stat(pid)
+            return f"{pid}:{stat[1]}" if stat else None
+        stat = _proc_stat(pid)
+        if not stat or stat[0] <= 1:
+            return None
+        pid = stat[0]
+    return None
+
+
+def _dvc_session_parent(client, exp_id: str) -> str | None:
+    """The parent run of the current `dvc repro`, created by the first stage that asks."""
+    session = _dvc_ancestor()
+    if session is None:
+        return None
+    found = client.search_runs([exp_id], filter_string=f"tags.`alignpipe.session` = '{session}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=f"dvc repro {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                            tags={"alignpipe.kind": "pipeline", "alignpipe.session": session, "entry": "dvc repro"})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
