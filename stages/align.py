@@ -1,0 +1,49 @@
+"""align@<method>: align the SFT policy with one method; one DVC stage per entry of align.methods.
+
+    python -m stages.align dpo --pairs pairs --prompts data/prompts.jsonl --sft models/sft --reward models/reward \
+        --out models/dpo --metrics metrics/train_dpo.json --plots plots/train_dpo.csv
+
+Each method's loop is a function in stages/methods/ registered in METHODS (checked against the
+params schema's methods at import: no if/elif over method names). It receives the validated params
+and the paths and returns (trained model, tokenizer, final metrics, logged rows); this module writes
+the outputs atomically and logs them.
+"""
+
+from __future__ import annotations
+
+import time
+
+from stages.core import config, io, models, stage, tracking
+from stages.methods import preference
+
+METHODS = {"dpo": preference.fit}
+assert set(METHODS) == set(config.METHOD_CONFIGS), "every method needs a params section and a training loop"
+
+
+def main(argv=None) -> str:
+    p = stage.parser(__doc__)
+    p.add_argument("method", choices=sorted(METHODS))
+    for flag in ("--pairs", "--prompts", "--sft", "--reward", "--out", "--metrics", "--plots"):
+        p.add_argument(flag, required=True)
+    args = p.parse_args(argv)
+    cfg = config.load(args.params)
+    mcfg = cfg.align.method(args.method)
+    device = models.setup_torch(cfg.seed)
+    t0 = time.perf_counter()
+
+    with tracking.stage_run("align", method=args.method, params={"seed": cfg.seed, **mcfg.model_dump()},
+                            deps=[args.sft, args.pairs, args.reward]) as tr:
+        model, tok, metrics, rows = METHODS[args.method](args.method, cfg, args, device, tr)
+        metrics = {**metrics, "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device)}
+        with io.atomic_dir(args.out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        io.write_json(args.metrics, metrics)
+        io.write_csv(args.plots, rows)
+        tr.log_metrics(metrics, step=rows[-1]["step"] if rows else 0)
+    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("train/loss", "probe/accuracy") if k in metrics)
+    return f"align@{args.method}: {shown}, {metrics['cost/wall_s']:.0f}s → {args.out}"
+
+
+if __name__ == "__main__":
+    stage.run(main)

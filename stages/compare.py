@@ -1,0 +1,114 @@
+"""compare: one table and one plot over SFT and every method in align.methods.
+
+    python -m stages.compare --metrics metrics --plots plots --out reports
+
+The measured version of the seeds' method-selection tables: quality (verifier accuracy, reward-model
+score, win rate against SFT), drift (KL to the reference, length), cost (models held in memory,
+peak memory, wall time, tokens generated) and stability (standard deviation, in accuracy points, of
+the training probe over its last `STABILITY_PROBES` readings). Writes comparison.md, .csv, .json
+and .png to --out; logs them to MLflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+
+from stages.core import config, io, stage, tracking
+
+STABILITY_PROBES = 5
+
+COLUMNS = [  # (key, header, format)
+    ("eval/accuracy", "accuracy", "{:.1%}"),
+    ("eval/reward_mean", "reward (RM)", "{:+.3f}"),
+    ("eval/win_rate_vs_sft", "win vs SFT", "{:.1%}"),
+    ("eval/kl_to_ref", "KL to ref", "{:.3f}"),
+    ("eval/length", "length", "{:.2f}"),
+    ("cost/models_in_memory", "models in memory", "{:.0f}"),
+    ("cost/peak_mem_mb", "peak mem (MB)", "{:.0f}"),
+    ("cost/wall_s", "train wall (s)", "{:.0f}"),
+    ("cost/tokens_generated", "tokens generated", "{:.0f}"),
+    ("stability", "stability (± pts)", "{:.1f}"),
+]
+
+
+def stability(plot_csv: Path) -> float | None:
+    """Std, in accuracy points, of the last probe readings of a training run (None without probes)."""
+    if not plot_csv.exists():
+        return None
+    with open(plot_csv) as fh:
+        probes = [float(r["probe/accuracy"]) for r in csv.DictReader(fh) if r.get("probe/accuracy")]
+    tail = probes[-STABILITY_PROBES:]
+    return 100 * statistics.pstdev(tail) if len(tail) >= 2 else None
+
+
+def collect(names: list[str], metrics_dir: Path, plots_dir: Path) -> list[dict]:
+    table = []
+    for name in names:
+        f = metrics_dir / f"eval_{name}.json"
+        if not f.exists():
+            raise config.ConfigError(f"compare: {f} is missing (was evaluate@{name} run?)")
+        row = {"policy": name, **io.read_json(f)}
+        row["stability"] = stability(plots_dir / f"train_{name}.csv")
+        table.append(row)
+    return table
+
+
+def markdown(table: list[dict]) -> str:
+    head = "| policy | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    rule = "|---|" + "---:|" * len(COLUMNS)
+    lines = [head, rule]
+    for row in table:
+        cells = [fmt.format(row[k]) if row.get(k) is not None else "n/a" for k, _, fmt in COLUMNS]
+        lines.append(f"| {row['policy']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("eval/accuracy", "verifier accuracy"), ("eval/reward_mean", "reward-model score"),
+              ("eval/kl_to_ref", "KL to SFT"), ("cost/wall_s", "training wall time (s)")]
+    names = [r["policy"] for r in table]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, title) in zip(axes, panels):
+        ax.bar(names, [r.get(key) or 0.0 for r in table], color=["#888"] + ["#3a7"] * (len(names) - 1))
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    with io.atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> str:
+    p = stage.parser(__doc__)
+    for flag in ("--metrics", "--plots", "--out"):
+        p.add_argument(flag, required=True)
+    args = p.parse_args(argv)
+    cfg = config.load(args.params)
+    names = ["sft", *cfg.align.methods]
+    table = collect(names, Path(args.metrics), Path(args.plots))
+
+    out = Path(args.out)
+    md = markdown(table)
+    with tracking.stage_run("compare", params={"align.methods": cfg.align.methods}) as tr:
+        with io.atomic_dir(out) as tmp:
+            (tmp / "comparison.md").write_text("# Method comparison (held-out prompts)\n\n" + md)
+            io.write_json(tmp / "comparison.json", table)
+            io.write_csv(tmp / "comparison.csv", [{"policy": r["policy"], **{k: r.get(k) for k, _, _ in COLUMNS}}
+                                                  for r in table])
+            plot(table, tmp / "comparison.png")
+        for name in ("comparison.md", "comparison.png", "comparison.csv", "comparison.json"):
+            tr.log_artifact(out / name)
+        tr.log_metrics({f"{r['policy']}/{k}": r[k] for r in table for k, _, _ in COLUMNS if r.get(k) is not None})
+    print(md, end="")
+    return f"compare: {len(table)} policies ({', '.join(names)}) → {out}/comparison.md, comparison.png"
+
+
+if __name__ == "__main__":
+    stage.run(main)

@@ -1,0 +1,143 @@
+"""pairs: sample K completions per prompt from the SFT policy, score them, write preference pairs,
+unpaired labels and the reference log-probs of every completion.
+
+    python -m stages.pairs --prompts data/prompts.jsonl --sft models/sft --reward models/reward --out pairs \
+        --metrics metrics/pairs.json
+
+Scores are a weighted mix of the reward model, the verifier and the format reward (pairs.score).
+Per prompt: chosen = best, rejected = worst; a prompt whose best and worst score the same is a tie
+(dropped, counted), one with fewer than two scorable completions is dropped too. The reference
+(SFT) log-prob of each completion is stored, so DPO/IPO/KTO never load a reference model.
+
+Outputs in --out: samples.jsonl (every completion: ids, text, scores, ref logp), pairs.jsonl
+(prompt/chosen/rejected with ids and ref logps), kto.jsonl (unpaired: completion, label, ref logp).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from stages.core import config, evaluation, io, models, rewards, stage, tracking
+from stages.core.logprobs import batched_token_logps, sequence_logps
+
+
+def score(cfg: config.PairsConfig, ans: evaluation.Answers, answers: list[str | None], rm):
+    """(mixed scores [N], verifier list, format list, rm scores [N] or None) for grouped completions."""
+    k = cfg.num_samples
+    verifier = evaluation.verifier_scores(ans.texts, answers, k)
+    truncated = ans.rollout.truncated.tolist()
+    fmt = [rewards.format_ok(t, tr, cfg.score.format_pattern) for t, tr in zip(ans.texts, truncated)]
+    rm_scores = rewards.reward_model_scores(rm, ans.seqs, cfg.batch_size) if rm is not None else None
+    return rewards.mix(cfg.score, rm_scores, verifier, fmt), verifier, fmt, rm_scores
+
+
+def build_pairs(samples: list[dict], k: int) -> tuple[list[dict], dict]:
+    """Best vs worst of each group of k samples → (pair rows, counts of what was dropped and why)."""
+    pairs, counts = [], {"ties": 0, "unscorable": 0}
+    for g in range(0, len(samples), k):
+        group = [s for s in samples[g:g + k] if not math.isnan(s["score"])]
+        if len(group) < 2:
+            counts["unscorable"] += 1
+            continue
+        best = max(group, key=lambda s: s["score"])
+        worst = min(group, key=lambda s: s["score"])
+        if best["score"] - worst["score"] <= 1e-6 or best["completion_ids"] == worst["completion_ids"]:
+            counts["ties"] += 1
+            continue
+        pairs.append({
+            "prompt": best["prompt"], "prompt_ids": best["prompt_ids"],
+            "chosen": best["completion"], "chosen_ids": best["completion_ids"], "chosen_ref_logp": best["ref_logp"],
+            "chosen_score": best["score"], "chosen_verifier": best["verifier"],
+            "rejected": worst["completion"], "rejected_ids": worst["completion_ids"],
+            "rejected_ref_logp": worst["ref_logp"], "rejected_score": worst["score"],
+            "rejected_verifier": worst["verifier"],
+        })
+    return pairs, counts
+
+
+def unpaired(pairs: list[dict]) -> list[dict]:
+    """KTO rows: each pair's chosen as desirable, its rejected as undesirable (TRL's unpairing)."""
+    rows = []
+    for p in pairs:
+        for side, label in (("chosen", True), ("rejected", False)):
+            rows.append({"prompt": p["prompt"], "prompt_ids": p["prompt_ids"], "completion": p[side],
+                         "completion_ids": p[f"{side}_ids"], "ref_logp": p[f"{side}_ref_logp"], "label": label})
+    return rows
+
+
+def main(argv=None) -> str:
+    p = stage.parser(__doc__)
+    for flag in ("--prompts", "--sft", "--reward", "--out", "--metrics"):
+        p.add_argument(flag, required=True)
+    args = p.parse_args(argv)
+    cfg = config.load(args.params)
+    c = cfg.pairs
+    device = models.setup_torch(cfg.seed)
+    t0 = time.perf_counter()
+
+    prompts = io.read_jsonl(args.prompts)
+    if c.max_prompts:
+        prompts = prompts[:c.max_prompts]
+    tok = models.load_tokenizer(args.sft)
+    policy = models.load_causal_lm(args.sft, device, trainable=False)
+    rm = models.load_reward_model(args.reward, device) if c.score.reward_model > 0 else None
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    with tracking.stage_run("pairs", params={"seed": cfg.seed, **c.model_dump()},
+                            deps=[args.sft, args.reward, args.prompts]) as tr:
+        t_gen = time.perf_counter()
+        with models.autocast(device):
+            ans = evaluation.generate(policy, tok, [r["prompt_ids"] for r in prompts], c.max_new_tokens,
+                                      c.batch_size, c.temperature, c.num_samples, generator)
+        t_gen = time.perf_counter() - t_gen
+        with models.autocast(device):
+            mixed, verifier, fmt, rm_scores = score(c, ans, [r.get("answer") for r in prompts], rm)
+            ref_logps = sequence_logps(batched_token_logps(policy, ans.seqs.to(device), c.batch_size).cpu(),
+                                       ans.seqs.completion_mask)  # [N]
+
+        k, seqs = c.num_samples, ans.seqs
+        samples = []
+        for i, text in enumerate(ans.texts):
+            prompt = prompts[i // k]
+            ids = seqs.completion_ids[i][seqs.completion_mask[i].bool()].tolist()
+            samples.append({
+                "prompt": prompt["prompt"], "prompt_ids": prompt["prompt_ids"], "completion": text,
+                "completion_ids": ids, "truncated": bool(ans.rollout.truncated[i]), "ref_logp": float(ref_logps[i]),
+                "score": float(mixed[i]), "verifier": verifier[i], "format": fmt[i],
+                "reward_model": None if rm_scores is None else float(rm_scores[i]),
+            })
+        pairs, dropped = build_pairs(samples, k)
+        if not pairs:
+            raise stage.StageFailed(f"pairs: no pairs from {len(prompts)} prompts (ties {dropped['ties']}, "
+                                    f"unscorable {dropped['unscorable']}); sample more or change pairs.score")
+        kto_rows = unpaired(pairs)
+
+        n_tokens = int(seqs.completion_mask.sum())
+        metrics = {
+            "pairs/n_prompts": len(prompts), "pairs/n_samples": len(samples), "pairs/n_pairs": len(pairs),
+            "pairs/ties_dropped": dropped["ties"], "pairs/unscorable_dropped": dropped["unscorable"],
+            "pairs/sample_accuracy": evaluation.accuracy(verifier),
+            "pairs/chosen_accuracy": evaluation.accuracy([p["chosen_verifier"] for p in pairs]),
+            "pairs/rejected_accuracy": evaluation.accuracy([p["rejected_verifier"] for p in pairs]),
+            "pairs/score_mean": float(mixed[~mixed.isnan()].mean()),
+            "pairs/truncated": int(ans.rollout.truncated.sum()),
+            "rollout/length": n_tokens / len(samples), "perf/gen_tokens_per_sec": n_tokens / t_gen,
+            "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device),
+            "cost/models_in_memory": 2 if rm is not None else 1, "cost/tokens_generated": n_tokens,
+        }
+        with io.atomic_dir(args.out) as tmp:
+            io.write_jsonl(tmp / "samples.jsonl", samples)
+            io.write_jsonl(tmp / "pairs.jsonl", pairs)
+            io.write_jsonl(tmp / "kto.jsonl", kto_rows)
+        io.write_json(args.metrics, {k: v for k, v in metrics.items() if v is not None})
+        tr.log_metrics({k: v for k, v in metrics.items() if v is not None})
+    return (f"pairs: {len(samples)} samples from {len(prompts)} prompts → {len(pairs)} pairs "
+            f"(ties {dropped['ties']}, unscorable {dropped['unscorable']}), {metrics['perf/gen_tokens_per_sec']:.0f} "
+            f"generated tokens/s → {args.out}")
+
+
+if __name__ == "__main__":
+    stage.run(main)
