@@ -1,0 +1,130 @@
+"""The pipeline as a Prefect flow: every DVC stage is a task run, and every task runs its stage
+through DVC (`dvc repro --single-item`), so a flow run and `dvc repro` share one cache and one
+dvc.lock, and a stage that is up to date is skipped (or restored from DVC's run-cache) either way.
+
+    python -m flows.pipeline                        # the whole pipeline in this repo
+    python -m flows.pipeline --methods dpo kto      # choose methods (written to params.yaml)
+    python -m flows.pipeline --set align.dpo.beta=0.05
+
+One MLflow parent run per flow run; the stages' runs nest under it. The comparison table ends up
+as a Prefect artifact (key `comparison`) and on the parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows import params as params_edit
+
+
+def stage_order(repo: Path) -> list[str]:
+    """The repo's DVC stages (matrix items expanded) with every stage after the stages it needs."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as r:
+        graph = r.index.graph  # edges point from a stage to the stages it depends on
+        names = {s: s.name for s in graph.nodes}
+        order = nx.lexicographical_topological_sort(graph.reverse(copy=True), key=lambda s: names[s])
+        return [names[s] for s in order]
+
+
+@task(task_run_name="{stage}")
+def run_stage(repo: str, stage: str, env: dict) -> dict:
+    """`dvc repro --single-item <stage>`: DVC decides whether it runs, is skipped or is restored."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    lines = [ln for ln in (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
+             if ln.strip() and "it/s]" not in ln and "s/it]" not in ln]
+    for ln in lines[-20:]:
+        logger.info(ln)
+    if proc.returncode:
+        errors = [ln for ln in lines if ln.startswith(("error:", "ERROR"))]
+        raise RuntimeError(f"stage {stage} failed: {errors[0] if errors else lines[-1] if lines else proc.returncode}")
+    out = proc.stdout
+    status = ("restored from run-cache" if "is cached" in out else
+              "up to date" if "didn't change" in out else "ran")
+    return {"stage": stage, "status": status, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@flow(name="alignpipe", log_prints=True)
+def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: dict | None = None) -> str:
+    """Run the pipeline in `repo_dir` (a DVC repo of this project) and return the comparison table.
+
+    methods: replaces align.methods; overrides: {"dotted.key": value}, e.g. {"align.dpo.beta": 0.05}.
+    Both are validated against the params schema and written to params.yaml before anything runs,
+    as `dvc exp run -S` would: the params file is the record of what the run used.
+    """
+    from stages.core import tracking
+
+    repo = Path(repo_dir).resolve()
+    changes = dict(overrides or {})
+    if methods:
+        changes["align.methods"] = list(methods)
+    if changes:
+        params_edit.apply(repo / "params.yaml", changes)
+
+    flow_run = _flow_run_id()
+    parent = tracking.start_parent(f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                                   {"entry": "prefect", "prefect.flow_run_id": flow_run}, root=repo)
+    # DVC runs stages as `python -m stages.<name>`: this interpreter's environment must come first.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "ALIGNPIPE_PARENT_RUN_ID": parent}
+    env.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(repo))
+    results = []
+    try:
+        for stage in stage_order(repo):
+            results.append(run_stage(str(repo), stage, env))
+    except BaseException:
+        tracking.end_run(parent, "FAILED", root=repo)
+        raise
+
+    table = (repo / "reports" / "comparison.md").read_text()
+    summary = "\n".join(f"- {r['stage']}: {r['status']} ({r['seconds']} s)" for r in results)
+    create_markdown_artifact(key="comparison", markdown=f"{table}\n\n## Stages\n{summary}\n",
+                             description="Method comparison on held-out prompts (reports/comparison.md)")
+    client, _ = tracking.client_and_experiment(repo)
+    for name in ("comparison.md", "comparison.png", "comparison.json"):
+        client.log_artifact(parent, str(repo / "reports" / name))
+    tracking.end_run(parent, root=repo)
+    print(f"stages:\n{summary}")
+    return table
+
+
+def _flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repo", default=".", help="the DVC repo to run in (default: here)")
+    p.add_argument("--methods", nargs="+", help="alignment methods, replacing align.methods")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a param, e.g. --set align.dpo.beta=0.05 (YAML value; repeatable)")
+    args = p.parse_args(argv)
+    try:
+        overrides = params_edit.parse_assignments(args.overrides)
+        table = pipeline(repo_dir=args.repo, methods=args.methods, overrides=overrides)
+    except params_edit.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a failed stage: Prefect has the full log; one line here
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        sys.exit(1)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The real pipeline under a real `dvc repro`, in a fresh git + DVC repo, tracked in a real MLflow
+store: staleness is exactly what it should be, a no-op is fast, reverting a param restores outputs
+from the run-cache, and MLflow holds one parent run per repro with the stages nested under it."""
+
+import time
+
+import pytest
+
+from flows import params as params_edit
+from flows import workspace
+from stages.core import tracking
+from tests import helpers
+
+pytestmark = pytest.mark.integration
+AFTER_SFT = {"sft", "reward", "pairs", "align@dpo", "evaluate_sft", "evaluate@dpo", "compare"}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    d = workspace.create(tmp_path_factory.mktemp("dvc") / "ws", helpers.SMOKE)
+    uri = f"sqlite:///{d.parent / 'mlflow.db'}"
+    return d, {"ALIGNPIPE_TRACKING": "mlflow", "MLFLOW_TRACKING_URI": uri}
+
+
+def repro(ws):
+    d, extra = ws
+    return helpers.dvc("repro", cwd=d, **extra).stdout
+
+
+def digest(path):
+    return tracking.dvc_hash(path)
+
+
+def test_first_repro_runs_every_stage_and_writes_the_report(ws):
+    d, _ = ws
+    t0 = time.perf_counter()
+    out = repro(ws)
+    took = time.perf_counter() - t0
+    assert helpers.ran_stages(out) == {"prepare"} | AFTER_SFT
+    report = (d / "reports" / "comparison.md").read_text()
+    assert "| sft |" in report and "| dpo |" in report
+    assert (d / "reports" / "comparison.png").stat().st_size > 1000
+    for name in ("sft", "dpo"):
+        m = (d / "metrics" / f"eval_{name}.json").read_text()
+        for key in ("eval/accuracy", "eval/reward_mean", "eval/win_rate_vs_sft", "eval/kl_to_ref", "eval/length",
+                    "cost/wall_s", "cost/peak_mem_mb", "cost/models_in_memory", "cost/tokens_generated"):
+            assert f'"{key}"' in m, (name, key)
+    assert '"reward/heldout_accuracy"' in (d / "metrics" / "reward.json").read_text()
+    print(f"smoke chain under dvc repro: {took:.1f}s")
+    assert took < 150, f"the smoke profile took {took:.0f}s"
+
+
+def test_second_repro_is_a_fast_noop(ws):
+    t0 = time.perf_counter()
+    out = repro(ws)
+    took = time.perf_counter() - t0
+    assert helpers.ran_stages(out) == set()
+    assert "Data and pipelines are up to date" in out
+    assert took < 3.0, f"no-op dvc repro took {took:.2f}s"
+
+
+def test_dpo_beta_reruns_exactly_its_stages_and_reverting_restores(ws):
+    d, _ = ws
+    before = digest(d / "models" / "dpo"), (d / "reports" / "comparison.md").read_text()
+    params_edit.apply(d / "params.yaml", {"align.dpo.beta": 0.3})
+    out = repro(ws)
+    assert helpers.ran_stages(out) == {"align@dpo", "evaluate@dpo", "compare"}
+    assert digest(d / "models" / "dpo") != before[0]
+
+    params_edit.apply(d / "params.yaml", {"align.dpo.beta": 0.1})
+    out = repro(ws)
+    assert helpers.ran_stages(out) == set()  # nothing trains again
+    assert helpers.restored_stages(out) == {"align@dpo", "evaluate@dpo", "compare"}
+    assert digest(d / "models" / "dpo") == before[0]
+    assert (d / "reports" / "comparison.md").read_text() == before[1]
+
+
+def test_sft_change_reruns_everything_from_sft_and_reverting_restores(ws):
+    d, _ = ws
+    sft_before = digest(d / "models" / "sft")
+    params_edit.apply(d / "params.yaml", {"sft.lr": 0.002})
+    out = repro(ws)
+    assert helpers.ran_stages(out) == AFTER_SFT
+    params_edit.apply(d / "params.yaml", {"sft.lr": 0.003})
+    out = repro(ws)
+    assert helpers.ran_stages(out) == set()
+    assert helpers.restored_stages(out) == AFTER_SFT
+    assert digest(d / "models" / "sft") == sft_before
+
+
+def test_mlflow_has_a_parent_per_repro_with_nested_stage_runs(ws):
+    d, extra = ws
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(extra["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("alignpipe")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    parents = [r for r in runs if r.data.tags.get("alignpipe.kind") == "pipeline"]
+    stages = [r for r in runs if r.data.tags.get("alignpipe.kind") == "stage"]
+    assert len(parents) == 3  # the repros that ran stages: first, beta, sft (restores run nothing)
+    first = min(parents, key=lambda r: r.info.start_time)
+    children = [r for r in stages if r.data.tags.get("mlflow.parentRunId") == first.info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(
+        ["prepare", "sft", "reward", "pairs", "align@dpo", "evaluate@sft", "evaluate@dpo", "compare"])
+    by_name = {r.info.run_name: r for r in children}
+    sft = by_name["sft"]
+    assert sft.data.tags["stage"] == "sft" and len(sft.data.tags["git_commit"]) == 40
+    lock = (d / "dvc.lock").read_text()
+    dep_tags = {k: v for k, v in sft.data.tags.items() if k.startswith("dvc.dep.")}
+    assert dep_tags and all(v in lock for v in dep_tags.values())  # the same hashes DVC recorded
+    assert by_name["align@dpo"].data.tags["method"] == "dpo"
+    assert sft.data.params["lr"] == "0.003"
+    history = client.get_metric_history(sft.info.run_id, "train/loss")
+    assert len({m.step for m in history}) > 3  # per-step, not just a final value
+    align = by_name["align@dpo"]
+    for key in ("rewards/chosen", "rewards/margins", "rewards/accuracies", "train/grad_norm", "perf/tokens_per_sec"):
+        assert key in align.data.metrics, key
+    artifacts = [a.path for a in client.list_artifacts(by_name["compare"].info.run_id)]
+    assert {"comparison.md", "comparison.png"} <= set(artifacts)

@@ -1,0 +1,167 @@
+"""A real Prefect server on loopback runs the pipeline deployment to Completed: through a work pool
+and a process worker (how stages reach GPU workers), and through `serve`. Each DVC stage is a task run,
+the comparison table is an artifact, and MLflow gets one parent run per flow run."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+from flows import workspace
+from tests import helpers
+
+pytestmark = pytest.mark.integration
+
+# Prefect reads its settings once, at import: this process's must be set before anything imports it.
+_HOME = tempfile.mkdtemp(prefix="alignpipe-prefect-")
+os.environ.update(PREFECT_HOME=_HOME, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+os.environ.pop("PREFECT_API_URL", None)
+
+STAGES = {"prepare", "sft", "reward", "pairs", "align@dpo", "evaluate_sft", "evaluate@dpo", "compare"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect")
+    api = f"http://127.0.0.1:{free_port()}/api"
+    env = helpers.env(
+        PREFECT_HOME=home, PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",  # the UI would copy its build into site-packages
+        PREFECT_LOGGING_LEVEL="WARNING", PREFECT_RUNNER_POLL_FREQUENCY=1, PREFECT_WORKER_QUERY_SECONDS=1,
+        ALIGNPIPE_TRACKING="mlflow", MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
+    )
+    log = home / "server.log"
+    procs = [subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", api.split(":")[-1].split("/")[0]], env=env, stdout=log.open("w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)]
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2):
+                break
+        except OSError:
+            assert procs[0].poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+
+    def spawn(args, name):
+        p = subprocess.Popen(args, cwd=helpers.ROOT, env=env, stdout=(home / f"{name}.log").open("w"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(p)
+        return p
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        yield {"env": env, "home": home, "spawn": spawn}
+    for p in reversed(procs):  # workers and servers of deployments before the API server
+        stop(p)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return workspace.create(tmp_path_factory.mktemp("prefect-ws") / "ws", helpers.SMOKE)
+
+
+def wait_for_deployment(name: str, timeout: float = 120):
+    from prefect.client.orchestration import get_client
+
+    deadline = time.time() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                return client.read_deployment_by_name(name)
+            except Exception:
+                assert time.time() < deadline, f"deployment {name} never registered"
+                time.sleep(1)
+
+
+def run_and_read(name: str, parameters: dict):
+    """Run a deployment to a final state → (flow run, task run names, artifacts)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+
+    fr = run_deployment(name, parameters=parameters, timeout=600, poll_interval=2)
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_run(fr.id)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])))
+    return fr, {t.name: t for t in tasks}, {a.key: a for a in arts}
+
+
+def test_work_pool_worker_runs_the_pipeline_to_completed(server, ws):
+    out = helpers.run([sys.executable, "-m", "flows.deploy", "--name", "ci-pool", "--pool", "ci", "--repo", str(ws),
+                       "--cron", "0 3 * * *"], helpers.ROOT, **{k: v for k, v in server["env"].items()})
+    assert "prefect worker start --pool ci" in out.stdout
+    dep = wait_for_deployment("alignpipe/ci-pool")
+    assert dep.schedules and dep.schedules[0].schedule.cron == "0 3 * * *"
+    server["spawn"]([sys.executable, "-m", "prefect", "worker", "start", "--pool", "ci"], "worker")
+
+    fr, tasks, arts = run_and_read("alignpipe/ci-pool", {"repo_dir": str(ws)})
+    assert fr.state.is_completed(), fr.state
+    assert set(tasks) == STAGES
+    assert all(t.state.is_completed() for t in tasks.values())
+    table = arts["comparison"].data
+    assert "| sft |" in table and "| dpo |" in table and "prepare: ran" in table
+
+
+def test_served_deployment_takes_parameters(server, ws):
+    server["spawn"]([sys.executable, "-m", "flows.deploy", "--name", "ci-serve", "--repo", str(ws)], "serve")
+    wait_for_deployment("alignpipe/ci-serve")
+    fr, tasks, arts = run_and_read("alignpipe/ci-serve", {"overrides": {"align.dpo.beta": 0.25}, "repo_dir": str(ws)})
+    assert fr.state.is_completed(), fr.state
+    assert set(tasks) == STAGES
+    summary = arts["comparison"].data
+    for stage in ("prepare", "sft", "reward", "pairs", "evaluate_sft"):
+        assert f"{stage}: up to date" in summary
+    for stage in ("align@dpo", "evaluate@dpo", "compare"):
+        assert f"{stage}: ran" in summary
+    assert "beta: 0.25" in (ws / "params.yaml").read_text()
+
+
+def test_bad_parameters_fail_the_flow_run_before_any_stage(server, ws):
+    lock = (ws / "dvc.lock").read_text()
+    fr, tasks, _ = run_and_read("alignpipe/ci-serve", {"overrides": {"align.dpo.beta": -1}, "repo_dir": str(ws)})
+    assert fr.state.is_failed()
+    assert tasks == {}
+    assert "beta: 0.25" in (ws / "params.yaml").read_text()  # the params file was not touched
+    assert (ws / "dvc.lock").read_text() == lock
+
+
+def test_mlflow_parent_run_per_flow_run(server):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server["env"]["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("alignpipe")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    parents = [r for r in runs if r.data.tags.get("entry") == "prefect"]
+    assert len(parents) == 2  # the failed run stopped before MLflow
+    assert all(r.data.tags.get("prefect.flow_run_id") for r in parents)
+    nested = [{r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
+              for p in sorted(parents, key=lambda r: r.info.start_time)]
+    assert nested[0] == {"prepare", "sft", "reward", "pairs", "align@dpo", "evaluate@sft", "evaluate@dpo", "compare"}
+    assert nested[1] == {"align@dpo", "evaluate@dpo", "compare"}  # what the override made stale
+    assert {p.data.tags["alignpipe.kind"] for p in parents} == {"pipeline"}
