@@ -1,0 +1,49 @@
+# alignpipe: the README's commands. Everything runs inside .venv, created on first use.
+#   make run    the whole pipeline on the embedded default (Prefect flow → DVC stages → MLflow)
+#   make test   the test suite (unit, stage smoke, real dvc / Prefect server / MLflow store)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# Stages are run by DVC as `python -m stages.<name>`: the venv's python must come first on PATH.
+export PATH := $(BIN):$(PATH)
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run smoke test lint bench ui clean
+
+setup: $(STAMP)
+
+# torch first, pinned: on a CPU machine that has the 2.13.0 CPU wheel this takes it instead of the
+# newest build with several GB of CUDA packages (a plain `torch` requirement would pull those).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/python -m flows.pipeline
+	@echo
+	@echo "MLflow UI:   $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db   (http://127.0.0.1:5000)"
+	@echo "Prefect UI:  $(VENV)/bin/prefect server start                                             (http://127.0.0.1:4200)"
+	@echo "Or both:     make ui"
+
+# The whole chain on the smoke profile, in a scratch workspace (.smoke/), in about a minute.
+smoke: setup
+	rm -rf .smoke
+	$(BIN)/python -m flows.workspace .smoke --params params.smoke.yaml
+	cd .smoke && $(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check stages flows tests bench
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000 & \
+	$(BIN)/prefect server start --port 4200; kill %1
+
+clean:
+	rm -rf .smoke .checkpoints
