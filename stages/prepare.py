@@ -22,8 +22,8 @@ def load_sets(cfg: config.Params) -> dict[str, list[dict]]:
     embedded = None
     if "embedded" in sources.values():
         e = d.embedded
-        embedded = task.make_datasets(e.max_operand, e.n_sft, e.carry_slip, e.sft_noise, e.n_preference, e.n_prompts,
-                                      e.n_eval, cfg.seed)
+        embedded = task.make_datasets(e.max_operand, e.n_sft, e.carry_slip, e.sft_noise, e.n_preference,
+                                      e.carry_pairs, e.n_prompts, e.n_eval, cfg.seed)
     sets = {}
     for name, source in sources.items():
         if source == "embedded":

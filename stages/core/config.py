@@ -59,6 +59,9 @@ class EmbeddedData(Section):
     """Share of the other SFT demonstrations with a random plausible mistake."""
     n_preference: int = Field(4000, ge=2)
     """Preference pairs for the reward model (chosen = right, rejected = plausible mistake)."""
+    carry_pairs: float = Field(0.7, ge=0.0, le=1.0)
+    """Share of preference pairs whose rejected answer gets the carry wrong (dropped where due, added
+    where not); the rest are other plausible mistakes."""
     n_prompts: int = Field(2000, ge=1)
     """Training prompts for sampling (pairs stage, online methods)."""
     n_eval: int = Field(300, ge=1)

@@ -37,6 +37,11 @@ class Problem:
         """The answer a demonstrator who forgets the carry writes (17+25 → 32 → "23")."""
         return str(self.a + self.b - 10)[::-1]
 
+    @property
+    def carry_error(self) -> str:
+        """The carry done wrong: dropped where there is one, added where there is none (12+34 → 56)."""
+        return self.dropped_carry if self.carries else str(self.a + self.b + 10)[::-1]
+
 
 def user(content: str) -> list[dict]:
     return [{"role": "user", "content": content}]
@@ -70,17 +75,28 @@ def split_problems(max_operand: int, n_eval: int, seed: int) -> tuple[list[Probl
     return problems[n_eval:], problems[:n_eval]
 
 
+def demonstrate(p: Problem, rng: random.Random, carry_slip: float, sft_noise: float) -> str:
+    """The flawed demonstrator: on a problem whose units carry it drops the carry with probability
+    `carry_slip`; any other answer is a random plausible mistake with probability `sft_noise`."""
+    if p.carries and rng.random() < carry_slip:
+        return p.dropped_carry
+    if rng.random() < sft_noise:
+        return wrong_answer(p, rng)
+    return p.answer
+
+
 def make_datasets(
-    max_operand: int, n_sft: int, carry_slip: float, sft_noise: float, n_preference: int, n_prompts: int,
-    n_eval: int, seed: int,
+    max_operand: int, n_sft: int, carry_slip: float, sft_noise: float, n_preference: int, carry_pairs: float,
+    n_prompts: int, n_eval: int, seed: int,
 ) -> dict[str, list[dict]]:
     """The four embedded sets, as rows in TRL's conversational formats.
 
-    sft:        prompt/completion from a flawed demonstrator: on problems whose units carry, a share
-                `carry_slip` of answers drop the carry (a systematic error: above 0.5 it is what a
-                model imitating the demonstrations learns); a share `sft_noise` of all answers are
-                other plausible mistakes.
-    preference: prompt/chosen/rejected (chosen = the right answer, rejected = a plausible mistake).
+    sft:        prompt/completion from the flawed demonstrator (`demonstrate`): above carry_slip 0.5 the
+                dropped carry is what a model imitating the demonstrations learns on carrying problems.
+    preference: prompt/chosen/rejected, chosen = the right answer. The rejected answer gets the carry
+                wrong (dropped where due, added where not) with probability `carry_pairs`, else it
+                is another plausible mistake. Both directions matter: pairs that only punished dropped
+                carries would teach a reward model that a higher tens digit is better.
     prompts:    prompt/answer, training prompts for sampling (pairs stage, online methods).
     eval:       prompt/answer, held-out problems seen by no training set.
     """
@@ -93,19 +109,12 @@ def make_datasets(
     sft = []
     for _ in range(n_sft):
         p = pick()
-        if p.carries and rng.random() < carry_slip:
-            text = p.dropped_carry
-        elif rng.random() < sft_noise:
-            text = wrong_answer(p, rng)
-        else:
-            text = p.answer
-        sft.append({"prompt": user(p.prompt), "completion": assistant(text)})
+        sft.append({"prompt": user(p.prompt), "completion": assistant(demonstrate(p, rng, carry_slip, sft_noise))})
     preference = []
     for _ in range(n_preference):
         p = pick()
-        preference.append(
-            {"prompt": user(p.prompt), "chosen": assistant(p.answer), "rejected": assistant(wrong_answer(p, rng))}
-        )
+        rejected = p.carry_error if rng.random() < carry_pairs else wrong_answer(p, rng)
+        preference.append({"prompt": user(p.prompt), "chosen": assistant(p.answer), "rejected": assistant(rejected)})
     prompts = [{"prompt": user(p.prompt), "answer": p.answer} for p in (pick() for _ in range(n_prompts))]
     evals = [{"prompt": user(p.prompt), "answer": p.answer} for p in held_out]
     return {"sft": sft, "preference": preference, "prompts": prompts, "eval": evals}
