@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,21 +38,36 @@ def stage_order(repo: Path) -> list[str]:
         return [names[s] for s in order]
 
 
+PROGRESS = re.compile(r"\|\s*\d+/\d+ \[")  # a tqdm bar
+DVC_HINTS = ("To track the changes with git", "git add ", "To enable auto staging", "dvc config core.autostage",
+             "Use `dvc push`")
+
+
 @task(task_run_name="{stage}")
 def run_stage(repo: str, stage: str, env: dict) -> dict:
-    """`dvc repro --single-item <stage>`: DVC decides whether it runs, is skipped or is restored."""
+    """`dvc repro --single-item <stage>`: DVC decides whether it runs, is skipped or is restored.
+    The stage's output streams to the task's log; progress bars at most every 30 s."""
     logger = get_run_logger()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=repo, env=env,
-                          capture_output=True, text=True)
-    lines = [ln for ln in (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
-             if ln.strip() and "it/s]" not in ln and "s/it]" not in ln]
-    for ln in lines[-20:]:
-        logger.info(ln)
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines, last_bar = [], 0.0
+    for raw in proc.stdout:
+        for line in raw.replace("\r", "\n").splitlines():
+            line = line.strip()
+            if not line or line.startswith(DVC_HINTS):
+                continue
+            if PROGRESS.search(line):
+                if time.perf_counter() - last_bar < 30:
+                    continue
+                last_bar = time.perf_counter()
+            lines.append(line)
+            logger.info(line)
+    proc.wait()
+    out = "\n".join(lines)
     if proc.returncode:
         errors = [ln for ln in lines if ln.startswith(("error:", "ERROR"))]
         raise RuntimeError(f"stage {stage} failed: {errors[0] if errors else lines[-1] if lines else proc.returncode}")
-    out = proc.stdout
     status = ("restored from run-cache" if "is cached" in out else
               "up to date" if "didn't change" in out else "ran")
     return {"stage": stage, "status": status, "seconds": round(time.perf_counter() - t0, 1)}
