@@ -62,3 +62,93 @@ def test_masked_mean():
     x, m = T([[1.0, 2.0], [4.0, 3.0]]), T([[1, 0], [1, 0]])
     assert losses.masked_mean(x, T([[1, 0], [0, 1]])).item() == pytest.approx(2.0)
     assert losses.masked_mean(x, m, dim=1).tolist() == [1.0, 4.0]
+
+
+def test_ipo_by_hand():
+    """π_c = −1, π_r = −2, ref = −1.5 both: ρ_c = 0.5, ρ_r = −0.5; |y_c| = 2, |y_r| = 4; β = 0.1 → 1/(2β) = 5.
+    Length-normalised: h = 0.25 + 0.125 = 0.375, L = (0.375 − 5)² = 21.390625.
+    Summed: h = 1, L = (1 − 5)² = 16."""
+    args = (T([-1.0]), T([-2.0]), T([-1.5]), T([-1.5]), T([2.0]), T([4.0]))
+    loss, r_c, r_r = losses.ipo_loss(*args, beta=0.1)
+    assert loss.item() == pytest.approx(21.390625, abs=1e-5)
+    assert (r_c.item(), r_r.item()) == (pytest.approx(0.05), pytest.approx(-0.05))
+    loss, _, _ = losses.ipo_loss(*args, beta=0.1, length_normalize=False)
+    assert loss.item() == pytest.approx(16.0, abs=1e-5)
+
+
+def test_kto_by_hand():
+    """β = 0.1, λ_D = 1, λ_U = 1.5; ρ = [1.0 (desirable), −2.0 (undesirable)];
+    mismatched log-ratios [0.4, 0.2] → z0 = max(0, 0.3) = 0.3.
+    L_D = 1 − σ(0.1·0.7) = 1 − σ(0.07) = 1 − 1/(1 + e^−0.07) = 1 − 0.5174929 = 0.4825071
+    L_U = 1.5·(1 − σ(0.1·2.3)) = 1.5·(1 − 1/(1 + e^−0.23)) = 1.5·(1 − 0.5572478) = 0.6641283"""
+    loss, rewards, z0 = losses.kto_loss(T([0.0, -3.0]), T([-1.0, -1.0]), T([True, False]),
+                                        T([-1.0, -2.0]), T([-1.4, -2.2]), beta=0.1, undesirable_weight=1.5)
+    assert z0.item() == pytest.approx(0.3, abs=1e-6)
+    assert loss.tolist() == [pytest.approx(0.4825071, abs=1e-6), pytest.approx(0.6641283, abs=1e-6)]
+    assert rewards.tolist() == [pytest.approx(0.1), pytest.approx(-0.2)]
+
+
+def test_kto_reference_point_is_clamped_at_zero():
+    """Mismatched log-ratios [−0.4, 0.2] average −0.1 → z0 = 0; ρ = 0 then gives L = 1 − σ(0) = 0.5."""
+    loss, _, z0 = losses.kto_loss(T([-1.0]), T([-1.0]), T([True]), T([-1.4, -1.8]), T([-1.0, -2.0]), beta=0.1)
+    assert z0.item() == 0.0 and loss.item() == pytest.approx(0.5)
+
+
+def test_kto_weight_ratio_range():
+    assert losses.kto_weight_ratio_ok(100, 100, 1.0, 1.0) == (True, 1.0)
+    ok, ratio = losses.kto_weight_ratio_ok(100, 50, 1.0, 1.0)
+    assert not ok and ratio == 2.0
+    assert losses.kto_weight_ratio_ok(100, 80, 1.0, 1.0)[0]  # 1.25 is inside [1, 4/3]
+
+
+def test_k3_and_k1_by_hand():
+    """logp = −1, ref = −2: k1 = 1; k3 = e^−1 − (−1) − 1 = 0.3678794. Equal log-probs: both 0."""
+    assert losses.kl_k1(T([-1.0]), T([-2.0])).item() == 1.0
+    assert losses.kl_k3(T([-1.0]), T([-2.0])).item() == pytest.approx(0.3678794, abs=1e-6)
+    assert losses.kl_k3(T([-0.5]), T([-0.5])).item() == 0.0
+
+
+def test_clipped_surrogate_by_hand():
+    """r = 1.5, ε = 0.2. A = +1: min(1.5, 1.2) = 1.2 → loss −1.2 (clipped). A = −1: min(−1.5, −1.2) = −1.5 →
+    loss 1.5 (the unclipped term: PPO never clips a change that makes things worse)."""
+    loss, clipped = losses.clipped_surrogate(T([1.5, 1.5]), T([1.0, -1.0]), 0.2, 0.2)
+    assert loss.tolist() == [pytest.approx(-1.2), pytest.approx(1.5)]
+    assert clipped.tolist() == [1.0, 0.0]
+
+
+def test_grpo_aggregations_by_hand():
+    """Ratio 1 (logp = old), β = 0, A = [1, −1], lengths 2 and 1 → per-token losses [[−1, −1], [1, pad]].
+    grpo: mean(−2/2, 1/1) = 0; bnpo: (−1 −1 +1)/3 = −1/3; dr_grpo (max length 4): −1/(2·4) = −0.125;
+    dapo over 6 tokens in the generation batch: −1/6."""
+    logps = T([[-0.5, -0.7], [-0.2, 0.0]])
+    mask = T([[1, 1], [1, 0]])
+    adv = T([1.0, -1.0])
+    expect = {"grpo": 0.0, "bnpo": -1 / 3, "dr_grpo": -0.125, "dapo": -1 / 6}
+    for loss_type, value in expect.items():
+        loss, stats = losses.grpo_loss(logps, logps, None, adv, mask, 0.2, 0.2, 0.0, loss_type,
+                                       max_completion_length=4, batch_tokens=6)
+        assert loss.item() == pytest.approx(value, abs=1e-6), loss_type
+        assert stats["clipfrac"] == 0.0
+
+
+def test_grpo_kl_term_by_hand():
+    """One token, ratio 1, A = 0, logp = −1, ref = −2, β = 0.04: ℓ = 0.04·0.3678794 = 0.0147152."""
+    loss, stats = losses.grpo_loss(T([[-1.0]]), T([[-1.0]]), T([[-2.0]]), T([0.0]), T([[1]]), 0.2, 0.2, 0.04, "bnpo")
+    assert loss.item() == pytest.approx(0.0147152, abs=1e-6)
+    assert stats["kl"] == pytest.approx(0.3678794, abs=1e-6)
+
+
+def test_rloo_loss_by_hand():
+    """Sequence ratio e^{ln 1.5} = 1.5 with A = 2 and ε = 0.2: −min(3, 2.4) = −2.4."""
+    loss, clipped = losses.rloo_loss(T([math.log(1.5) - 3.0]), T([-3.0]), T([2.0]), 0.2, 0.2)
+    assert loss.item() == pytest.approx(-2.4, abs=1e-6) and clipped.item() == 1.0
+
+
+def test_ppo_losses_by_hand():
+    """Policy: r = 1.5 on two tokens with Â = [1, −1] → [−1.2, 1.5], masked mean 0.15.
+    Value: V = 1.0, V_old = 0.5, R = 0, ε_v = 0.2 → clipped V = 0.7; max(1.0², 0.7²) = 1 → 0.5·1 = 0.5."""
+    pg, clipfrac = losses.ppo_policy_loss(T([[math.log(1.5), math.log(1.5)]]), T([[0.0, 0.0]]), T([[1.0, -1.0]]),
+                                          T([[1, 1]]), 0.2)
+    assert pg.item() == pytest.approx(0.15, abs=1e-6) and clipfrac == 0.5
+    vf, vclip = losses.ppo_value_loss(T([[1.0]]), T([[0.5]]), T([[0.0]]), T([[1]]), 0.2)
+    assert vf.item() == pytest.approx(0.5) and vclip == 0.0

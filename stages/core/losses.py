@@ -63,3 +63,151 @@ def dpo_loss(pi_chosen_logps: torch.Tensor, pi_rejected_logps: torch.Tensor,
     logits = beta * (chosen_ratio - rejected_ratio)
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def ipo_loss(pi_chosen_logps: torch.Tensor, pi_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
+             chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
+             beta: float, length_normalize: bool = True):
+    """IPO (Azar et al. 2023, arXiv 2310.12036, eq. 17): regress the log-ratio margin onto 1/(2β).
+
+        h = ρ_c/|y_c| − ρ_r/|y_r|      (length_normalize: TRL's form; the IPO authors confirmed it)
+        h = ρ_c − ρ_r                  (summed: OpenRLHF's form; differs by the completion lengths)
+        L = (h − 1/(2β))²
+
+    Inputs [B] (lengths: completion tokens) → (losses [B], chosen_rewards [B], rejected_rewards [B]),
+    rewards = β·ρ (summed), detached.
+    """
+    chosen_ratio = pi_chosen_logps - ref_chosen_logps
+    rejected_ratio = pi_rejected_logps - ref_rejected_logps
+    if length_normalize:
+        h = chosen_ratio / chosen_lengths.clamp(min=1) - rejected_ratio / rejected_lengths.clamp(min=1)
+    else:
+        h = chosen_ratio - rejected_ratio
+    losses = (h - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def kto_loss(pi_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+             pi_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306, eq. 7-8) on unpaired examples.
+
+        z0  = max(0, mean over mismatched pairs (x_i, y_j≠i) of logp_θ(y_j|x_i) − logp_ref(y_j|x_i)), detached
+        L_D = λ_D (1 − σ(β(ρ − z0)))     for desirable y
+        L_U = λ_U (1 − σ(β(z0 − ρ)))     for undesirable y
+
+    pi_logps, ref_logps, desirable (bool) [B]; pi_kl_logps, ref_kl_logps [M] (the mismatched pairs)
+    → (losses [B], rewards [B] = β·ρ detached, z0 scalar). The caller's mean over B matches TRL's
+    mean over concat(λ_D L_D, λ_U L_U).
+    """
+    z0 = (pi_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+    ratio = pi_logps - ref_logps
+    desirable_loss = desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0)))
+    undesirable_loss = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio)))
+    losses = torch.where(desirable, desirable_loss, undesirable_loss)
+    return losses, beta * ratio.detach(), z0
+
+
+def kto_weight_ratio_ok(n_desirable: int, n_undesirable: int, desirable_weight: float,
+                        undesirable_weight: float) -> tuple[bool, float]:
+    """The KTO paper's eq. 8 range: λ_D·n_D / (λ_U·n_U) in [1, 4/3] → (inside?, ratio). TRL warns outside."""
+    ratio = (desirable_weight * max(n_desirable, 1)) / (undesirable_weight * max(n_undesirable, 1))
+    return 1.0 <= ratio <= 4 / 3 + 1e-9, ratio
+
+
+# ---------------------------------------------------------------------------------------------- online RL
+
+def kl_k1(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """k1 estimator of KL(π‖π_ref) per token: logp_θ − logp_ref (unbiased, can be negative)."""
+    return logps - ref_logps
+
+
+def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """k3 estimator (Schulman 2020) per token: exp(logp_ref − logp_θ) − (logp_ref − logp_θ) − 1 ≥ 0."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+
+
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float):
+    """PPO's clipped objective as a loss: −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A), elementwise.
+    → (loss, clipped: 1 where the clipped term was the one taken)."""
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages
+    return -torch.min(unclipped, clipped), (clipped < unclipped).float().detach()
+
+
+def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str,
+                     max_completion_length: int | None = None, batch_tokens: float | None = None) -> torch.Tensor:
+    """Reduce per-token losses [B, T] to a scalar (the GRPO family's choices, as in TRL):
+
+        grpo     mean over sequences of (Σ_t loss / |y_i|)                (Shao et al. 2024)
+        bnpo     Σ loss / tokens in this (micro-)batch
+        dr_grpo  Σ loss / (B × max_completion_length)                      (Liu et al. 2025, Dr. GRPO)
+        dapo     Σ loss / batch_tokens, the tokens of the whole generation batch divided by the number
+                 of optimizer steps it feeds (Yu et al. 2025, DAPO; TRL's default)
+    """
+    mask = mask.to(per_token.dtype)
+    total = (per_token * mask).sum()
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if loss_type == "bnpo":
+        return total / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        return total / (per_token.shape[0] * max_completion_length)
+    if loss_type == "dapo":
+        return total / max(batch_tokens, 1.0)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
+              loss_type: str, max_completion_length: int | None = None, batch_tokens: float | None = None):
+    """GRPO (Shao et al. 2024, arXiv 2402.03300, eq. 3) per token, then aggregated.
+
+        r_t = exp(logp_θ − logp_old)
+        ℓ_t = −min(r_t A, clip(r_t, 1−ε_low, 1+ε_high) A) + β·k3_t      (k3 to the reference)
+
+    logps, old_logps, ref_logps, mask [B, T]; advantages [B] → (loss, stats) with stats detached:
+    clipfrac (share of tokens where clipping bound), kl (mean k3 per token).
+    The KL term is the textbook k3; TRL 1.16 multiplies it by r_t by default (use_bias_correction_kl).
+    """
+    ratio = torch.exp(logps - old_logps)
+    per_token, clipped = clipped_surrogate(ratio, advantages[:, None], eps_low, eps_high)
+    kl = kl_k3(logps, ref_logps) if ref_logps is not None else torch.zeros_like(logps)
+    if beta:
+        per_token = per_token + beta * kl
+    loss = aggregate_tokens(per_token, mask, loss_type, max_completion_length, batch_tokens)
+    stats = {"clipfrac": masked_mean(clipped, mask).item(), "kl": masked_mean(kl.detach(), mask).item()}
+    return loss, stats
+
+
+def rloo_loss(seq_logps: torch.Tensor, old_seq_logps: torch.Tensor, advantages: torch.Tensor,
+              eps_low: float, eps_high: float):
+    """RLOO's policy loss (Ahmadian et al. 2024, arXiv 2402.14740; TRL ≥ 0.22): a sequence-level
+    clipped ratio, r_i = exp(logp_θ(y_i) − logp_old(y_i)), ℓ_i = −min(r_i A_i, clip(r_i) A_i).
+
+    [B] summed log-probs and advantages → (losses [B], clipped [B] detached). The KL lives in the
+    reward (see rewards_with_kl), not in the loss.
+    """
+    return clipped_surrogate(torch.exp(seq_logps - old_seq_logps), advantages, eps_low, eps_high)
+
+
+def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    eps: float):
+    """PPO's clipped policy loss per token (Schulman et al. 2017, eq. 7), masked mean over tokens:
+    masked_mean(max(−Â r_t, −Â clip(r_t, 1−ε, 1+ε))).  [B, T] → (loss, clipfrac)."""
+    per_token, clipped = clipped_surrogate(torch.exp(logps - old_logps), advantages, eps, eps)
+    return masked_mean(per_token, mask), masked_mean(clipped, mask).item()
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   eps_value: float):
+    """PPO's clipped value loss: 0.5 · masked_mean(max((V − R)², (clip(V, V_old ± ε_v) − R)²)).
+    [B, T] → (loss, clipfrac: share of tokens where the clipped error was larger)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -eps_value, eps_value)
+    err, err_clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    return 0.5 * masked_mean(torch.max(err, err_clipped), mask), masked_mean((err_clipped > err).float(), mask).item()

@@ -1,0 +1,88 @@
+"""Advantage estimators: group-normalised (GRPO), leave-one-out (RLOO), GAE (PPO), whitening.
+
+Rewards may hold NaN for "no reward" (a reward that could not be computed): statistics skip them
+and their advantage is 0, so they neither teach nor shift the baseline of the others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Unbiased (n − 1) standard deviation ignoring NaN (as trl.trainer.utils.nanstd)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    n = (~torch.isnan(x)).sum(dim=dim, keepdim=True) if dim is not None else (~torch.isnan(x)).sum()
+    var = torch.nansum((x - mean) ** 2, dim=dim, keepdim=True) / (n - 1).clamp(min=1)
+    std = var.sqrt()
+    return std if keepdim or dim is None else std.squeeze(dim)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
+    """GRPO (Shao et al. 2024): A_i = (r_i − mean_group(r)) / (std + ε), std unbiased.
+
+    rewards [N], consecutive blocks of `group_size` share a prompt. scale: "group" (per-group std,
+    TRL's default), "batch" (one std over all rewards; still centred per group), "none" (Dr. GRPO:
+    no division). A group whose rewards are all equal gets A = 0.  → [N]
+    """
+    r = rewards.view(-1, group_size)  # [P, K]
+    centred = r - torch.nanmean(r, dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (_nanstd(r, dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (_nanstd(r) + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown scale {scale!r}")
+    return torch.nan_to_num(centred.reshape(-1), nan=0.0)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): b_i = (Σ_j r_j − r_i)/(K′ − 1) over the group's K′ scored
+    completions, A_i = r_i − b_i. rewards [N] grouped → [N]; 0 where unscored or alone."""
+    r = rewards.view(-1, group_size)  # [P, K]
+    scored = (~torch.isnan(r)).sum(dim=1, keepdim=True)
+    baseline = (torch.nansum(r, dim=1, keepdim=True) - r) / (scored - 1).clamp(min=1)
+    adv = torch.where(scored > 1, r - baseline, torch.zeros_like(r))
+    return torch.nan_to_num(adv.reshape(-1), nan=0.0)
+
+
+def normalize(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(x − mean) / (std + ε) over the batch, ignoring NaN (RLOO's normalize_advantages)."""
+    return torch.nan_to_num((x - torch.nanmean(x)) / (_nanstd(x) + eps), nan=0.0)
+
+
+def rewards_with_kl(rewards: torch.Tensor, old_seq_logps: torch.Tensor, ref_seq_logps: torch.Tensor,
+                    beta: float) -> torch.Tensor:
+    """RLOO's KL folded into the reward (k1, summed over the sequence): r_i − β (logp_old − logp_ref)."""
+    return rewards - beta * (old_seq_logps - ref_seq_logps)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise over the masked entries: (x − mean)/sqrt(var + ε), unbiased var; the mean is put
+    back when shift_mean is False (used to whiten rewards without moving them)."""
+    m = mask.to(x.dtype)
+    n = m.sum()
+    mean = (x * m).sum() / n
+    var = (((x - mean) ** 2) * m).sum() / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return out if shift_mean else out + mean
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016) over each sequence's valid tokens.
+
+        δ_t = r_t + γ V_{t+1} − V_t,   Â_t = δ_t + γλ Â_{t+1},   returns R_t = Â_t + V_t
+
+    V after the last valid token is 0. rewards, values, mask [B, T] → (advantages, returns) [B, T],
+    0 on padding.
+    """
+    m = mask.to(values.dtype)
+    values = values * m
+    adv = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * m[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * m

@@ -1,0 +1,66 @@
+"""Advantage estimators against values worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from stages.core import advantages as adv
+
+T = torch.tensor
+nan = float("nan")
+
+
+def test_group_advantages_by_hand():
+    """Group [1, 0, 0, 1]: mean 0.5, unbiased std = sqrt(4·0.25/3) = 0.5773503;
+    A = ±0.5/(0.5773503 + 1e-4) = ±0.8658753. An all-equal group gets 0."""
+    a = adv.group_advantages(T([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]), 4)
+    assert a[:4].tolist() == pytest.approx([0.8658753, -0.8658753, -0.8658753, 0.8658753], abs=1e-6)
+    assert a[4:].tolist() == [0.0] * 4
+
+
+def test_group_advantages_batch_and_none_scaling():
+    """Rewards [1, 0 | 3, 1]: group means 0.5 and 2 → centred [0.5, −0.5, 1, −1].
+    none: those. batch: divided by the std of all four, sqrt(((1−1.25)² + 1.25² + 1.75² + 0.25²)/3) = 1.2583057."""
+    r = T([1.0, 0.0, 3.0, 1.0])
+    assert adv.group_advantages(r, 2, "none").tolist() == [0.5, -0.5, 1.0, -1.0]
+    std = math.sqrt((0.25**2 + 1.25**2 + 1.75**2 + 0.25**2) / 3)
+    expect = [x / (std + 1e-4) for x in (0.5, -0.5, 1.0, -1.0)]
+    assert adv.group_advantages(r, 2, "batch").tolist() == pytest.approx(expect, abs=1e-6)
+
+
+def test_no_reward_is_excluded_not_zero():
+    """[1, NaN, 0, 1]: statistics over the three scored: mean 2/3, std sqrt(((1/3)²·2 + (2/3)²)/2) = 0.5773503.
+    The NaN row gets A = 0; a 0 reward would have moved the mean to 0.5."""
+    a = adv.group_advantages(T([1.0, nan, 0.0, 1.0]), 4)
+    assert a.tolist() == pytest.approx([(1 / 3) / 0.5774503, 0.0, (-2 / 3) / 0.5774503, (1 / 3) / 0.5774503], abs=1e-5)
+
+
+def test_leave_one_out_by_hand():
+    """[1, 0, 0, 1]: b_i = (2 − r_i)/3 → A = 1 − 1/3 = 2/3 for the ones, 0 − 2/3 for the zeros.
+    With a NaN: [1, NaN, 0, 1] over 3 scored: A(1) = 1 − (2 − 1)/2 = 0.5, A(0) = 0 − 2/2 = −1, A(NaN) = 0."""
+    assert adv.leave_one_out_advantages(T([1.0, 0.0, 0.0, 1.0]), 4).tolist() == pytest.approx(
+        [2 / 3, -2 / 3, -2 / 3, 2 / 3])
+    assert adv.leave_one_out_advantages(T([1.0, nan, 0.0, 1.0]), 4).tolist() == pytest.approx([0.5, 0.0, -1.0, 0.5])
+
+
+def test_kl_in_reward_by_hand():
+    """r = 1, logp_old − logp_ref = 2 (summed), β = 0.05 → 1 − 0.1 = 0.9."""
+    assert adv.rewards_with_kl(T([1.0]), T([-3.0]), T([-5.0]), 0.05).item() == pytest.approx(0.9)
+
+
+def test_gae_by_hand():
+    """r = [0, 0, 1], V = [0.5, 0.6, 0.7], γ = 1, λ = 0.95:
+    δ2 = 1 − 0.7 = 0.3 → Â2 = 0.3; δ1 = 0.7 − 0.6 = 0.1 → Â1 = 0.1 + 0.95·0.3 = 0.385;
+    δ0 = 0.6 − 0.5 = 0.1 → Â0 = 0.1 + 0.95·0.385 = 0.46575; returns Â + V = [0.96575, 0.985, 1.0].
+    A padded fourth token changes nothing and stays 0."""
+    a, ret = adv.gae(T([[0.0, 0.0, 1.0, 5.0]]), T([[0.5, 0.6, 0.7, 9.0]]), T([[1, 1, 1, 0]]), 1.0, 0.95)
+    assert a.tolist()[0] == pytest.approx([0.46575, 0.385, 0.3, 0.0])
+    assert ret.tolist()[0] == pytest.approx([0.96575, 0.985, 1.0, 0.0])
+
+
+def test_whiten():
+    """[1, 2, 3] (4th masked): mean 2, unbiased var 1 → [−1, 0, 1]; without the shift: [1, 2, 3]."""
+    x, m = T([[1.0, 2.0, 3.0, 100.0]]), T([[1, 1, 1, 0]])
+    assert adv.whiten(x, m)[0, :3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
+    assert adv.whiten(x, m, shift_mean=False)[0, :3].tolist() == pytest.approx([1.0, 2.0, 3.0], abs=1e-6)
