@@ -36,19 +36,21 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return torch.nan_to_num(centred.reshape(-1), nan=0.0)
 
 
-def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int, normalize_batch: bool = False,
+                             eps: float = 1e-4) -> torch.Tensor:
     """RLOO (Ahmadian et al. 2024): b_i = (Σ_j r_j − r_i)/(K′ − 1) over the group's K′ scored
-    completions, A_i = r_i − b_i. rewards [N] grouped → [N]; 0 where unscored or alone."""
+    completions, A_i = r_i − b_i. rewards [N] grouped → [N].
+
+    A completion with no reward, or with no scored sibling, carries no signal: its advantage is 0,
+    and `normalize_batch` (A − mean)/(std + ε) takes its statistics over the others only (as TRL).
+    """
     r = rewards.view(-1, group_size)  # [P, K]
     scored = (~torch.isnan(r)).sum(dim=1, keepdim=True)
     baseline = (torch.nansum(r, dim=1, keepdim=True) - r) / (scored - 1).clamp(min=1)
-    adv = torch.where(scored > 1, r - baseline, torch.zeros_like(r))
-    return torch.nan_to_num(adv.reshape(-1), nan=0.0)
-
-
-def normalize(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """(x − mean) / (std + ε) over the batch, ignoring NaN (RLOO's normalize_advantages)."""
-    return torch.nan_to_num((x - torch.nanmean(x)) / (_nanstd(x) + eps), nan=0.0)
+    adv = torch.where(scored > 1, r - baseline, torch.full_like(r, float("nan"))).reshape(-1)  # NaN: no signal
+    if normalize_batch:
+        adv = (adv - torch.nanmean(adv)) / (_nanstd(adv) + eps)
+    return torch.nan_to_num(adv, nan=0.0)
 
 
 def rewards_with_kl(rewards: torch.Tensor, old_seq_logps: torch.Tensor, ref_seq_logps: torch.Tensor,
