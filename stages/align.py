@@ -14,9 +14,10 @@ from __future__ import annotations
 import time
 
 from stages.core import config, io, models, stage, tracking
-from stages.methods import preference
+from stages.methods import online, ppo, preference
 
-METHODS = {"dpo": preference.fit}
+METHODS = {"ppo": ppo.fit, "dpo": preference.fit, "ipo": preference.fit, "kto": preference.fit,
+           "grpo": online.fit, "rloo": online.fit}
 assert set(METHODS) == set(config.METHOD_CONFIGS), "every method needs a params section and a training loop"
 
 

@@ -20,18 +20,8 @@ import time
 
 import torch
 
-from stages.core import config, evaluation, io, models, rewards, stage, tracking
+from stages.core import config, data, evaluation, io, models, rewards, stage, tracking
 from stages.core.logprobs import batched_token_logps, sequence_logps
-
-
-def score(cfg: config.PairsConfig, ans: evaluation.Answers, answers: list[str | None], rm):
-    """(mixed scores [N], verifier list, format list, rm scores [N] or None) for grouped completions."""
-    k = cfg.num_samples
-    verifier = evaluation.verifier_scores(ans.texts, answers, k)
-    truncated = ans.rollout.truncated.tolist()
-    fmt = [rewards.format_ok(t, tr, cfg.score.format_pattern) for t, tr in zip(ans.texts, truncated)]
-    rm_scores = rewards.reward_model_scores(rm, ans.seqs, cfg.batch_size) if rm is not None else None
-    return rewards.mix(cfg.score, rm_scores, verifier, fmt), verifier, fmt, rm_scores
 
 
 def build_pairs(samples: list[dict], k: int) -> tuple[list[dict], dict]:
@@ -59,13 +49,28 @@ def build_pairs(samples: list[dict], k: int) -> tuple[list[dict], dict]:
 
 
 def unpaired(pairs: list[dict]) -> list[dict]:
-    """KTO rows: each pair's chosen as desirable, its rejected as undesirable (TRL's unpairing)."""
+    """KTO rows: each pair's chosen as desirable, its rejected as undesirable (TRL's unpairing),
+    plus the mismatched completion for KTO's reference point z0: row i is paired with the completion
+    of row i+2 (the next pair's same side, so another prompt), whose reference log-prob under row i's
+    prompt the caller fills in (kl_ref_logp)."""
     rows = []
     for p in pairs:
         for side, label in (("chosen", True), ("rejected", False)):
             rows.append({"prompt": p["prompt"], "prompt_ids": p["prompt_ids"], "completion": p[side],
                          "completion_ids": p[f"{side}_ids"], "ref_logp": p[f"{side}_ref_logp"], "label": label})
+    shift = 2 if len(rows) > 2 else 1
+    for i, row in enumerate(rows):
+        row["kl_completion_ids"] = rows[(i + shift) % len(rows)]["completion_ids"]
     return rows
+
+
+def ref_logps(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, batch_size: int,
+              device) -> list[float]:
+    """Reference log-prob (summed) of each completion after its prompt."""
+    seqs = data.collate(prompts, completions, pad_id)
+    with models.autocast(device):
+        token = batched_token_logps(model, seqs.to(device), batch_size).cpu()
+    return sequence_logps(token, seqs.completion_mask).tolist()
 
 
 def main(argv=None) -> str:
@@ -81,6 +86,8 @@ def main(argv=None) -> str:
     prompts = io.read_jsonl(args.prompts)
     if c.max_prompts:
         prompts = prompts[:c.max_prompts]
+    k = c.num_samples
+    answers = [prompts[i // k].get("answer") for i in range(len(prompts) * k)]
     tok = models.load_tokenizer(args.sft)
     policy = models.load_causal_lm(args.sft, device, trainable=False)
     rm = models.load_reward_model(args.reward, device) if c.score.reward_model > 0 else None
@@ -91,49 +98,49 @@ def main(argv=None) -> str:
         t_gen = time.perf_counter()
         with models.autocast(device):
             ans = evaluation.generate(policy, tok, [r["prompt_ids"] for r in prompts], c.max_new_tokens,
-                                      c.batch_size, c.temperature, c.num_samples, generator)
+                                      c.batch_size, c.temperature, k, generator)
         t_gen = time.perf_counter() - t_gen
+        seqs, truncated = ans.seqs, ans.rollout.truncated.tolist()
         with models.autocast(device):
-            mixed, verifier, fmt, rm_scores = score(c, ans, [r.get("answer") for r in prompts], rm)
-            ref_logps = sequence_logps(batched_token_logps(policy, ans.seqs.to(device), c.batch_size).cpu(),
-                                       ans.seqs.completion_mask)  # [N]
-
-        k, seqs = c.num_samples, ans.seqs
-        samples = []
-        for i, text in enumerate(ans.texts):
-            prompt = prompts[i // k]
-            ids = seqs.completion_ids[i][seqs.completion_mask[i].bool()].tolist()
-            samples.append({
-                "prompt": prompt["prompt"], "prompt_ids": prompt["prompt_ids"], "completion": text,
-                "completion_ids": ids, "truncated": bool(ans.rollout.truncated[i]), "ref_logp": float(ref_logps[i]),
-                "score": float(mixed[i]), "verifier": verifier[i], "format": fmt[i],
-                "reward_model": None if rm_scores is None else float(rm_scores[i]),
-            })
+            scores = rewards.score_completions(c.score, ans.texts, truncated, answers, rm, seqs, c.batch_size)
+        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(seqs.completion_ids, seqs.completion_mask)]
+        prompt_ids = [prompts[i // k]["prompt_ids"] for i in range(len(ans.texts))]
+        ref = ref_logps(policy, prompt_ids, completion_ids, tok.pad_token_id, c.batch_size, device)  # temperature 1
+        samples = [{
+            "prompt": prompts[i // k]["prompt"], "prompt_ids": prompt_ids[i], "completion": text,
+            "completion_ids": completion_ids[i], "truncated": truncated[i], "ref_logp": ref[i],
+            "score": float(scores.total[i]), "verifier": scores.verifier[i], "format": scores.format[i],
+            "reward_model": None if scores.reward_model is None else float(scores.reward_model[i]),
+        } for i, text in enumerate(ans.texts)]
         pairs, dropped = build_pairs(samples, k)
         if not pairs:
             raise stage.StageFailed(f"pairs: no pairs from {len(prompts)} prompts (ties {dropped['ties']}, "
                                     f"unscorable {dropped['unscorable']}); sample more or change pairs.score")
         kto_rows = unpaired(pairs)
+        kl_ref = ref_logps(policy, [r["prompt_ids"] for r in kto_rows], [r["kl_completion_ids"] for r in kto_rows],
+                           tok.pad_token_id, c.batch_size, device)
+        for row, lp in zip(kto_rows, kl_ref):
+            row["kl_ref_logp"] = lp
 
         n_tokens = int(seqs.completion_mask.sum())
         metrics = {
             "pairs/n_prompts": len(prompts), "pairs/n_samples": len(samples), "pairs/n_pairs": len(pairs),
             "pairs/ties_dropped": dropped["ties"], "pairs/unscorable_dropped": dropped["unscorable"],
-            "pairs/sample_accuracy": evaluation.accuracy(verifier),
+            "pairs/no_reward": scores.n_unscored, "pairs/sample_accuracy": evaluation.accuracy(scores.verifier),
             "pairs/chosen_accuracy": evaluation.accuracy([p["chosen_verifier"] for p in pairs]),
             "pairs/rejected_accuracy": evaluation.accuracy([p["rejected_verifier"] for p in pairs]),
-            "pairs/score_mean": float(mixed[~mixed.isnan()].mean()),
-            "pairs/truncated": int(ans.rollout.truncated.sum()),
+            "pairs/score_mean": float(scores.total.nanmean()), "pairs/truncated": sum(truncated),
             "rollout/length": n_tokens / len(samples), "perf/gen_tokens_per_sec": n_tokens / t_gen,
             "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device),
             "cost/models_in_memory": 2 if rm is not None else 1, "cost/tokens_generated": n_tokens,
         }
+        metrics = {key: v for key, v in metrics.items() if v is not None}
         with io.atomic_dir(args.out) as tmp:
             io.write_jsonl(tmp / "samples.jsonl", samples)
             io.write_jsonl(tmp / "pairs.jsonl", pairs)
             io.write_jsonl(tmp / "kto.jsonl", kto_rows)
-        io.write_json(args.metrics, {k: v for k, v in metrics.items() if v is not None})
-        tr.log_metrics({k: v for k, v in metrics.items() if v is not None})
+        io.write_json(args.metrics, metrics)
+        tr.log_metrics(metrics)
     return (f"pairs: {len(samples)} samples from {len(prompts)} prompts → {len(pairs)} pairs "
             f"(ties {dropped['ties']}, unscorable {dropped['unscorable']}), {metrics['perf/gen_tokens_per_sec']:.0f} "
             f"generated tokens/s → {args.out}")

@@ -167,23 +167,133 @@ class PairsConfig(Section):
 
 # ---------------------------------------------------------------------------------------------- align
 
-class DPOConfig(PolicyConfig):
+class OfflineConfig(PolicyConfig):
+    """Training on the stored pairs (reference log-probs precomputed: one model in memory)."""
+
+    epochs: int = Field(0, ge=0)
+    """If > 0, overrides `steps` with this many passes over the data."""
+
+
+class DPOConfig(OfflineConfig):
     beta: float = Field(0.1, gt=0.0)
     """KL strength β (Rafailov et al. 2023; TRL default 0.1)."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     """Conservative DPO ε: the assumed rate of flipped labels (0 = plain DPO)."""
-    epochs: int = Field(0, ge=0)
-    """If > 0, overrides `steps` with this many passes over the pairs."""
 
 
-METHOD_CONFIGS: dict[str, type[Section]] = {"dpo": DPOConfig}
+class IPOConfig(OfflineConfig):
+    beta: float = Field(0.1, gt=0.0)
+    """Regularisation β: the log-ratio margin is regressed onto 1/(2β) (Azar et al. 2023; TRL 0.1)."""
+    length_normalize: bool = True
+    """Average log-ratios per completion token (TRL; the IPO authors' form) instead of summing (OpenRLHF)."""
+
+
+class KTOConfig(OfflineConfig):
+    beta: float = Field(0.1, gt=0.0)
+    """KL strength β (Ethayarajh et al. 2024; TRL default 0.1)."""
+    desirable_weight: float = Field(1.0, gt=0.0)
+    """λ_D, the weight of desirable examples."""
+    undesirable_weight: float = Field(1.0, gt=0.0)
+    """λ_U, the weight of undesirable examples; λ_D·n_D/(λ_U·n_U) should lie in [1, 4/3] (paper eq. 8)."""
+
+    @model_validator(mode="after")
+    def _batch(self):
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be > 1: the KL reference point z0 needs mismatched pairs")
+        return self
+
+
+class OnlineConfig(PolicyConfig):
+    """Generating during training: sample, score, update."""
+
+    prompts_per_step: int = Field(16, ge=1)
+    """Prompts sampled per step; each gets `num_generations` completions."""
+    num_generations: int = Field(8, ge=1)
+    """Completions per prompt (the group)."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Sampling temperature; log-probs in the losses use the same temperature (as TRL)."""
+    max_new_tokens: int = Field(8, ge=1)
+    """Longest completion; one that reaches it without EOS is truncated."""
+    num_iterations: int = Field(1, ge=1)
+    """Passes over each generation batch (μ); above 1 the clipped ratio uses the stored old log-probs."""
+    minibatches: int = Field(1, ge=1)
+    """Optimizer steps per pass (the generation batch split in this many parts)."""
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0)
+    """Lower clip range ε (ratio ≥ 1 − ε)."""
+    epsilon_high: float = Field(0.2, gt=0.0)
+    """Upper clip range (ratio ≤ 1 + ε_high; DAPO's clip-higher uses 0.28)."""
+    reward: RewardWeights = RewardWeights(reward_model=0.0, verifier=1.0)
+    """The reward: reward model, verifier, format, or a weighted mix."""
+    gen_batch_size: int = Field(256, ge=1)
+    """Sequences per generation / scoring forward."""
+
+
+class GRPOConfig(OnlineConfig):
+    beta: float = Field(0.04, ge=0.0)
+    """k3 KL-to-reference coefficient (DeepSeekMath 0.04; TRL 0.0 = no reference model held)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage scaling: group std (GRPO), batch std, or none (Dr. GRPO)."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    """Token aggregation of the loss (TRL's default dapo; see losses.aggregate_tokens)."""
+
+
+class RLOOConfig(OnlineConfig):
+    num_generations: int = Field(4, ge=2)
+    """Completions per prompt; the leave-one-out baseline needs at least 2 (TRL default 2)."""
+    beta: float = Field(0.05, ge=0.0)
+    """k1 KL coefficient folded into the reward (Ahmadian et al. 2024; TRL 0.05)."""
+    normalize_advantages: bool = False
+    """Standardize advantages over the batch (TRL option, off by default)."""
+
+
+class PPOConfig(OnlineConfig):
+    num_generations: int = Field(1, ge=1)
+    """Completions per prompt (PPO needs no group: the critic is the baseline)."""
+    num_iterations: int = Field(4, ge=1)
+    """PPO epochs over each rollout batch (TRL 4)."""
+    minibatches: int = Field(2, ge=1)
+    """Minibatches per PPO epoch."""
+    reward: RewardWeights = RewardWeights(reward_model=1.0)
+    """The score added at the last token (RLHF: the reward model)."""
+    kl_coef: float = Field(0.05, ge=0.0)
+    """Per-token KL penalty coefficient (TRL 0.05; the start value when adaptive)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator in the reward."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards kl_target (Ziegler et al. 2019; legacy TRL, LLaMA-Factory)."""
+    kl_target: float = Field(6.0, gt=0.0)
+    """Target sequence KL of the adaptive controller."""
+    kl_horizon: float = Field(10000.0, gt=0.0)
+    """Horizon of the adaptive controller (in samples)."""
+    vf_coef: float = Field(0.1, ge=0.0)
+    """Value-loss coefficient (TRL 0.1)."""
+    cliprange_value: float = Field(0.2, gt=0.0)
+    """Value clip range ε_v (TRL 0.2)."""
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    """Discount γ."""
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    """GAE λ (TRL 0.95)."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards before GAE."""
+    missing_eos_penalty: float = Field(1.0, ge=0.0)
+    """Subtracted from the score of a completion that never ended (no EOS)."""
+
+
+METHOD_CONFIGS: dict[str, type[Section]] = {
+    "ppo": PPOConfig, "dpo": DPOConfig, "ipo": IPOConfig, "kto": KTOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig,
+}
 """Known alignment methods and their params sections (align.<method>)."""
 
 
 class AlignConfig(Section):
-    methods: list[str] = ["dpo"]
+    methods: list[str] = ["dpo", "grpo"]
     """Methods run as align@<method> stages, each with its own params section below."""
+    ppo: PPOConfig = PPOConfig()
     dpo: DPOConfig = DPOConfig()
+    ipo: IPOConfig = IPOConfig()
+    kto: KTOConfig = KTOConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    rloo: RLOOConfig = RLOOConfig()
 
     @field_validator("methods")
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -71,3 +72,33 @@ def mix(weights, rm: torch.Tensor | None, verifier: list[float | None] | None,
     if weights.format > 0:
         parts.append(weights.format * torch.tensor(fmt, dtype=torch.float32))
     return torch.stack(parts).sum(0)
+
+
+@dataclass
+class Scores:
+    """Rewards of N completions: the weighted mix and its parts.
+
+    total:         [N] float, NaN = no reward (a needed part could not be computed)
+    verifier:      per completion 1.0 / 0.0 / None (no reference answer)
+    format:        per completion 1.0 / 0.0
+    reward_model:  [N] standardized scores, or None when the mix does not use the reward model
+    """
+
+    total: torch.Tensor
+    verifier: list[float | None]
+    format: list[float]
+    reward_model: torch.Tensor | None
+
+    @property
+    def n_unscored(self) -> int:
+        return int(torch.isnan(self.total).sum())
+
+
+def score_completions(weights, texts: list[str], truncated: list[bool], answers: list[str | None], rm,
+                      seqs: Sequences, batch_size: int) -> Scores:
+    """Every built-in reward of each completion and their mix. answers[i] is completion i's reference
+    (None: the verifier cannot check it). The reward model runs only if its weight is > 0."""
+    verifier = [verify(t, a) for t, a in zip(texts, answers)]
+    fmt = [format_ok(t, tr, weights.format_pattern) for t, tr in zip(texts, truncated)]
+    rm_scores = reward_model_scores(rm, seqs, batch_size) if weights.reward_model > 0 else None
+    return Scores(mix(weights, rm_scores, verifier, fmt), verifier, fmt, rm_scores)

@@ -1,0 +1,184 @@
+"""Online RL without a critic: GRPO and RLOO. Each step samples `num_generations` completions of
+`prompts_per_step` prompts from the current policy (KV cache), scores them (verifier, reward model,
+format or a mix), turns rewards into advantages and takes clipped policy-gradient steps.
+
+`collect` (sample + score + old/ref log-probs) is shared with PPO (stages/methods/ppo.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from stages.core import advantages, evaluation, io, losses, models, rewards, train
+from stages.core.logprobs import Sequences, batched_token_logps, sequence_logps, token_logps
+
+
+@dataclass
+class Batch:
+    """One generation batch of N = prompts × num_generations completions, grouped by prompt.
+
+    seqs:        Sequences [N, P+C] on the training device
+    mask:        [N, C] completion mask, zeroed for completions with no reward (excluded from the loss)
+    old_logps:   [N, C] log-probs when sampled (temperature-scaled, the weights of this step)
+    ref_logps:   [N, C] under the reference (SFT) model, or None when no reference is held
+    scores:      rewards.Scores of the N completions (total [N], NaN = no reward)
+    truncated:   [N] bool, no EOS
+    gen_seconds: wall time spent generating
+    """
+
+    seqs: Sequences
+    mask: torch.Tensor
+    old_logps: torch.Tensor
+    ref_logps: torch.Tensor | None
+    scores: rewards.Scores
+    truncated: torch.Tensor
+    gen_seconds: float
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.seqs.completion_mask.sum())
+
+
+def load_models(cfg, c, args, device, needs_ref: bool):
+    """(tokenizer, policy, reference or None, reward model or None) for an online method."""
+    tok = models.load_tokenizer(args.sft)
+    policy = models.load_causal_lm(args.sft, device)
+    ref = models.load_causal_lm(args.sft, device, trainable=False) if needs_ref else None
+    rm = models.load_reward_model(args.reward, device) if c.reward.reward_model > 0 else None
+    return tok, policy, ref, rm
+
+
+@torch.no_grad()
+def collect(policy, ref, rm, tok, rows: list[dict], c, generator, device) -> Batch:
+    """Sample, score and measure a generation batch from the current policy."""
+    k = c.num_generations
+    t0 = time.perf_counter()
+    with models.autocast(device):
+        ans = evaluation.generate(policy, tok, [r["prompt_ids"] for r in rows], c.max_new_tokens,
+                                  c.gen_batch_size, c.temperature, k, generator)
+    gen_seconds = time.perf_counter() - t0
+    seqs = ans.seqs.to(device)
+    answers = [rows[i // k].get("answer") for i in range(len(ans.texts))]
+    truncated = ans.rollout.truncated
+    with models.autocast(device):
+        scores = rewards.score_completions(c.reward, ans.texts, truncated.tolist(), answers, rm, seqs,
+                                           c.gen_batch_size)
+        ref_logps = batched_token_logps(ref, seqs, c.gen_batch_size, c.temperature) if ref is not None else None
+    scored = ~torch.isnan(scores.total)
+    mask = seqs.completion_mask.float() * scored.to(device)[:, None]
+    return Batch(seqs, mask, ans.rollout.sample_logps.to(device), ref_logps, scores, truncated, gen_seconds)
+
+
+def rollout_metrics(b: Batch) -> dict:
+    total = b.scores.total
+    m = {"rollout/reward_mean": float(total.nanmean()), "rollout/length": b.n_tokens / len(total),
+         "rollout/no_reward": b.scores.n_unscored, "rollout/truncated": int(b.truncated.sum())}
+    if int((~torch.isnan(total)).sum()) > 1:
+        m["rollout/reward_std"] = float(total[~torch.isnan(total)].std())
+    acc = evaluation.accuracy(b.scores.verifier)
+    if acc is not None:
+        m["rollout/accuracy"] = acc
+    return m
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+def grpo_advantages(b: Batch, c) -> tuple[torch.Tensor, dict]:
+    return advantages.group_advantages(b.scores.total, c.num_generations, c.scale_rewards).to(b.mask.device), {}
+
+
+def rloo_advantages(b: Batch, c) -> tuple[torch.Tensor, dict]:
+    """Leave-one-out on rewards with the k1 sequence KL folded in (r − β·Σ_t (logp_old − logp_ref))."""
+    r = b.scores.total.to(b.mask.device)
+    stats = {}
+    if b.ref_logps is not None:
+        old_seq, ref_seq = sequence_logps(b.old_logps, b.mask), sequence_logps(b.ref_logps, b.mask)  # [N]
+        r = advantages.rewards_with_kl(r, old_seq, ref_seq, c.beta)
+        stats["policy/kl"] = float((old_seq - ref_seq)[b.mask.sum(-1) > 0].mean())
+    return advantages.leave_one_out_advantages(r, c.num_generations, c.normalize_advantages), stats
+
+
+def grpo_loss(logps, b: Batch, idx, adv, c, batch_tokens):
+    ref = b.ref_logps[idx] if b.ref_logps is not None else None
+    return losses.grpo_loss(logps, b.old_logps[idx], ref, adv[idx], b.mask[idx], c.epsilon, c.epsilon_high,
+                            c.beta, c.loss_type, c.max_new_tokens, batch_tokens)
+
+
+def rloo_loss(logps, b: Batch, idx, adv, c, batch_tokens):
+    mask = b.mask[idx]
+    per_seq, clipped = losses.rloo_loss(sequence_logps(logps, mask), sequence_logps(b.old_logps[idx], mask),
+                                        adv[idx], c.epsilon, c.epsilon_high)
+    keep = mask.sum(-1) > 0  # sequences with a reward
+    return per_seq[keep].mean(), {"clipfrac": clipped[keep].mean().item()}
+
+
+METHODS = {
+    "grpo": (grpo_advantages, grpo_loss, lambda c: c.beta > 0),
+    "rloo": (rloo_advantages, rloo_loss, lambda c: c.beta > 0),
+}
+"""method → (advantages(batch, cfg), loss(logps, batch, rows, advantages, cfg, batch_tokens), needs a reference?)."""
+
+
+def fit(method: str, cfg, args, device, tracker):
+    """Online RL from the SFT policy → (model, tokenizer, final metrics, logged rows)."""
+    c = cfg.align.method(method)
+    advantage_fn, loss_fn, needs_ref = METHODS[method]
+    prompts = io.read_jsonl(args.prompts)
+    probe = prompts[:c.probe_size]
+    tok, policy, ref, rm = load_models(cfg, c, args, device, needs_ref(c))
+    opt = train.make_optimizer(policy.parameters(), c)
+    guard = train.GuardedStep(policy.parameters(), opt, c.max_grad_norm)
+    ckpt = train.Checkpoint(f"align-{method}", {"seed": cfg.seed, **c.model_dump()},
+                            [args.prompts, args.sft] + ([args.reward] if rm is not None else []))
+    start, logged, extra = ckpt.resume(policy, opt)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if "generator" in extra:
+        generator.set_state(extra["generator"])
+    probe_at = train.probe_steps(c.steps, c.probes)
+    totals = {"gen_seconds": 0.0, "step_seconds": 0.0, "tokens": 0, **extra.get("totals", {})}
+
+    log = train.StepLog(tracker, c.steps, c.log_every, f"align@{method}", start, logged)
+    for step in range(start, c.steps):
+        t0 = time.perf_counter()
+        rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
+        b = collect(policy, ref, rm, tok, rows, c, generator, device)
+        adv, adv_stats = advantage_fn(b, c)
+        lr = train.lr_at(step, c, c.steps)
+        n = len(b.seqs)
+        parts = torch.arange(n, device=device).chunk(c.minibatches)
+        batch_tokens = float(b.mask.sum()) / len(parts)  # dapo: tokens per optimizer step of this generation batch
+        policy.train()
+        for _ in range(c.num_iterations):
+            for idx in parts:
+                with models.autocast(device):
+                    logps, entropy = token_logps(policy, b.seqs.select(idx), c.temperature, with_entropy=True)
+                loss, stats = loss_fn(logps.float(), b, idx, adv, c, batch_tokens)
+                grad_norm = guard(loss, lr)
+        step_seconds = time.perf_counter() - t0
+        totals["gen_seconds"] += b.gen_seconds
+        totals["step_seconds"] += step_seconds
+        totals["tokens"] += b.n_tokens
+        metrics = {
+            "train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm, **rollout_metrics(b),
+            "policy/clipfrac": stats["clipfrac"], "policy/entropy": float(losses.masked_mean(entropy, b.mask[idx])),
+            "perf/gen_share": b.gen_seconds / step_seconds, "perf/rollout_tokens_per_sec": b.n_tokens / b.gen_seconds,
+            **({"policy/kl": stats["kl"]} if "kl" in stats else {}), **adv_stats,
+        }
+        if step + 1 in probe_at:
+            metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, c.max_new_tokens,
+                                                                  c.gen_batch_size)
+        log.step(step + 1, metrics, tokens=int(b.seqs.attention_mask.sum()) * c.num_iterations)
+        ckpt.maybe_save(step + 1, c.checkpoint_every, c.steps, policy, opt, log.rows,
+                        {"generator": generator.get_state(), "totals": totals})
+    log.close()
+    ckpt.clear()
+    final = {
+        **log.last(), "train/skipped_steps": guard.skipped,
+        "perf/gen_share": totals["gen_seconds"] / max(totals["step_seconds"], 1e-9),
+        "perf/rollout_tokens_per_sec": totals["tokens"] / max(totals["gen_seconds"], 1e-9),
+        "cost/models_in_memory": 1 + (ref is not None) + (rm is not None), "cost/tokens_generated": totals["tokens"],
+    }
+    return policy, tok, final, log.rows

@@ -1,0 +1,134 @@
+"""RLHF with PPO and a critic (Schulman et al. 2017; Ouyang et al. 2022): four models in memory.
+
+policy (trained), reference (the SFT model, frozen), reward model (frozen) and a value model
+(trained). The value model is initialised from the reward model, as in InstructGPT: its backbone and
+its scalar head, applied at every position instead of only the last, so V_t starts out as the reward
+model's opinion of the prefix.
+
+Per rollout: r_t = −kl_coef·KL_t (k1 or k3 against the reference) on every completion token, plus
+the score (reward mix, minus missing_eos_penalty when there is no EOS) on the last one; GAE gives
+Â and returns; Â is whitened over valid tokens. Then `num_iterations` epochs × `minibatches` of
+clipped policy and value losses, one optimizer over both models. kl_coef is fixed or adapted towards
+kl_target (Ziegler et al. 2019).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from stages.core import advantages, evaluation, io, losses, models, train
+from stages.core.logprobs import position_ids, token_logps
+from stages.methods.online import collect, load_models, rollout_metrics
+
+
+def token_values(value_model, seqs) -> torch.Tensor:
+    """V of the state before each completion token: the head on positions P-1 … P+C-2.  → [B, C]"""
+    hidden = value_model.base_model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
+                                    position_ids=position_ids(seqs.attention_mask)).last_hidden_state  # [B, T, H]
+    n_completion = seqs.input_ids.shape[1] - seqs.prompt_len
+    states = hidden[:, seqs.prompt_len - 1:seqs.prompt_len - 1 + n_completion]  # [B, C, H]
+    return value_model.score(states).squeeze(-1).float()  # [B, C]
+
+
+def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """−kl_coef·KL_t on every token, + the sequence's score on its last real token.  [B, C]"""
+    rewards = -kl_coef * kl * mask
+    last = (mask.sum(-1).long() - 1).clamp(min=0)  # [B]
+    rewards[torch.arange(len(score), device=score.device), last] += score * (mask.sum(-1) > 0)
+    return rewards
+
+
+class AdaptiveKL:
+    """Ziegler et al. 2019: kl_coef ← kl_coef·(1 + clip(KL/target − 1, ±0.2)·n/horizon)."""
+
+    def __init__(self, coef: float, target: float, horizon: float, adaptive: bool):
+        self.coef, self.target, self.horizon, self.adaptive = coef, target, horizon, adaptive
+
+    def update(self, kl: float, n_samples: int) -> None:
+        if self.adaptive:
+            error = max(-0.2, min(0.2, kl / self.target - 1))
+            self.coef *= 1 + error * n_samples / self.horizon
+
+
+def fit(method: str, cfg, args, device, tracker):
+    """PPO from the SFT policy → (model, tokenizer, final metrics, logged rows)."""
+    c = cfg.align.method(method)
+    prompts = io.read_jsonl(args.prompts)
+    probe = prompts[:c.probe_size]
+    tok, policy, ref, rm = load_models(cfg, c, args, device, needs_ref=True)
+    value_model = models.load_reward_model(args.reward, device, trainable=True)
+    params = list(policy.parameters()) + list(value_model.parameters())
+    opt = train.make_optimizer(params, c)
+    guard = train.GuardedStep(params, opt, c.max_grad_norm)
+    ckpt = train.Checkpoint(f"align-{method}", {"seed": cfg.seed, **c.model_dump()},
+                            [args.prompts, args.sft, args.reward])
+    both = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # one state dict for the checkpoint
+    start, logged, extra = ckpt.resume(both, opt)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if "generator" in extra:
+        generator.set_state(extra["generator"])
+    kl_ctl = AdaptiveKL(extra.get("kl_coef", c.kl_coef), c.kl_target, c.kl_horizon, c.adaptive_kl)
+    probe_at = train.probe_steps(c.steps, c.probes)
+    totals = {"gen_seconds": 0.0, "step_seconds": 0.0, "tokens": 0, **extra.get("totals", {})}
+    kl_fn = losses.KL_ESTIMATORS[c.kl_estimator]
+
+    log = train.StepLog(tracker, c.steps, c.log_every, "align@ppo", start, logged)
+    for step in range(start, c.steps):
+        t0 = time.perf_counter()
+        rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
+        b = collect(policy, ref, rm, tok, rows, c, generator, device)
+        mask = b.mask
+        with torch.no_grad(), models.autocast(device):
+            old_values = token_values(value_model, b.seqs) * mask  # [N, C]
+            score = torch.nan_to_num(b.scores.total.to(device)) - c.missing_eos_penalty * b.truncated.to(device)
+            kl = kl_fn(b.old_logps, b.ref_logps) * mask  # [N, C]
+            r = token_rewards(score, kl, mask, kl_ctl.coef)
+            if c.whiten_rewards:
+                r = advantages.whiten(r, mask, shift_mean=False) * mask
+            adv, returns = advantages.gae(r, old_values, mask, c.gamma, c.lam)  # [N, C]
+            adv = advantages.whiten(adv, mask) * mask
+        lr = train.lr_at(step, c, c.steps)
+        policy.train()
+        value_model.train()
+        perm = torch.randperm(len(b.seqs), generator=torch.Generator().manual_seed(cfg.seed + step))
+        for _ in range(c.num_iterations):
+            for idx in perm.to(device).chunk(c.minibatches):
+                part, m = b.seqs.select(idx), mask[idx]
+                with models.autocast(device):
+                    logps, entropy = token_logps(policy, part, c.temperature, with_entropy=True)
+                    values = token_values(value_model, part)
+                pg_loss, clipfrac = losses.ppo_policy_loss(logps.float(), b.old_logps[idx], adv[idx], m, c.epsilon)
+                vf_loss, vf_clipfrac = losses.ppo_value_loss(values, old_values[idx], returns[idx], m,
+                                                             c.cliprange_value)
+                loss = pg_loss + c.vf_coef * vf_loss
+                grad_norm = guard(loss, lr)
+        seq_kl = float(kl.sum(-1).mean())
+        kl_ctl.update(seq_kl, len(b.seqs))
+        step_seconds = time.perf_counter() - t0
+        totals["gen_seconds"] += b.gen_seconds
+        totals["step_seconds"] += step_seconds
+        totals["tokens"] += b.n_tokens
+        metrics = {
+            "train/loss": loss.item(), "train/pg_loss": pg_loss.item(), "train/vf_loss": vf_loss.item(),
+            "train/lr": lr, "train/grad_norm": grad_norm, **rollout_metrics(b),
+            "policy/kl": seq_kl, "policy/kl_coef": kl_ctl.coef, "policy/clipfrac": clipfrac,
+            "policy/vf_clipfrac": vf_clipfrac, "policy/entropy": float(losses.masked_mean(entropy, m)),
+            "perf/gen_share": b.gen_seconds / step_seconds, "perf/rollout_tokens_per_sec": b.n_tokens / b.gen_seconds,
+        }
+        if step + 1 in probe_at:
+            metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, c.max_new_tokens,
+                                                                  c.gen_batch_size)
+        log.step(step + 1, metrics, tokens=int(b.seqs.attention_mask.sum()) * c.num_iterations)
+        ckpt.maybe_save(step + 1, c.checkpoint_every, c.steps, both, opt, log.rows,
+                        {"generator": generator.get_state(), "totals": totals, "kl_coef": kl_ctl.coef})
+    log.close()
+    ckpt.clear()
+    final = {
+        **log.last(), "train/skipped_steps": guard.skipped,
+        "perf/gen_share": totals["gen_seconds"] / max(totals["step_seconds"], 1e-9),
+        "perf/rollout_tokens_per_sec": totals["tokens"] / max(totals["gen_seconds"], 1e-9),
+        "cost/models_in_memory": 4, "cost/tokens_generated": totals["tokens"],
+    }
+    return policy, tok, final, log.rows
