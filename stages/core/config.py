@@ -88,8 +88,6 @@ class DataConfig(Section):
 class OptimConfig(Section):
     lr: float = Field(1.0e-3, gt=0, le=1.0)
     """Peak learning rate (AdamW)."""
-    batch_size: int = Field(64, ge=1)
-    """Examples per optimizer step."""
     steps: int = Field(1000, ge=1)
     """Optimizer steps."""
     warmup_steps: int = Field(0, ge=0)
@@ -119,8 +117,13 @@ class PolicyConfig(OptimConfig):
 class SFTConfig(PolicyConfig):
     """Cross-entropy on response tokens only."""
 
+    batch_size: int = Field(64, ge=1)
+    """Examples per optimizer step."""
+
 
 class RewardConfig(OptimConfig):
+    batch_size: int = Field(32, ge=1)
+    """Preference pairs per optimizer step."""
     init_from: Literal["sft", "base"] = "sft"
     """Backbone of the reward model: the SFT model (usual, InstructGPT) or the base model."""
     heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -170,6 +173,8 @@ class PairsConfig(Section):
 class OfflineConfig(PolicyConfig):
     """Training on the stored pairs (reference log-probs precomputed: one model in memory)."""
 
+    batch_size: int = Field(32, ge=1)
+    """Pairs (KTO: examples) per optimizer step."""
     epochs: int = Field(0, ge=0)
     """If > 0, overrides `steps` with this many passes over the data."""
 

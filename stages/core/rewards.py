@@ -20,6 +20,8 @@ def verify(completion: str, answer: str | None) -> float | None:
     when there is no reference answer to check against."""
     if answer is None:
         return None
+    if not completion.strip():  # an empty answer never checks, whatever the reference says
+        return 0.0
     return 1.0 if completion.strip() == str(answer).strip() else 0.0
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Callable
 
+from . import tracking
 from .config import ConfigError
 
 
@@ -33,6 +34,7 @@ def run(main: Callable[[list[str] | None], str], argv: list[str] | None = None) 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     t0 = time.perf_counter()
+    tracking.prestart()
     try:
         summary = main(argv)
     except ConfigError as e:

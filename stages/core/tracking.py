@@ -1,5 +1,9 @@
 """The one place stages talk to MLflow.
 
+A stage's run is owned by a small worker process that the stage starts and feeds one JSON line per
+call: importing mlflow (~2.5 s here) overlaps the stage's own start-up on the other core, and no log
+call ever blocks a training step (against a remote tracking server each one is an HTTP request).
+
 A pipeline run is one parent run; each stage is a nested run tagged with its stage, method, git
 commit and the DVC hashes of its deps. The parent is:
   - ALIGNPIPE_PARENT_RUN_ID when set (the Prefect flow sets it), else
@@ -16,6 +20,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -99,30 +104,123 @@ def end_run(run_id: str, status: str = "FINISHED", root: str | Path | None = Non
     client.set_terminated(run_id, status)
 
 
+class BackgroundTracker:
+    """The stage's side of a tracking worker (see the module docstring): each call is one JSON line."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.broken = False
+
+    def _send(self, op: str, **fields) -> None:
+        if self.broken:
+            return
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **fields}, default=str) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self.broken = True
+            print("warning: the MLflow tracking worker stopped; this stage's run is incomplete", file=sys.stderr)
+
+    def log_params(self, params: dict) -> None:
+        self._send("params", params=flatten(params))
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self._send("metrics", metrics={k: float(v) for k, v in metrics.items() if v is not None}, step=step or 0)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._send("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict) -> None:
+        self._send("tags", tags=tags)
+
+    def close(self, status: str) -> None:
+        self._send("end", status=status)
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            code = self.proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = "killed after 300 s"
+        if code:
+            print(f"warning: the MLflow tracking worker exited with {code}; this stage's run may be incomplete",
+                  file=sys.stderr)
+
+
+_worker: subprocess.Popen | None = None
+
+
+def enabled() -> bool:
+    return os.environ.get("ALIGNPIPE_TRACKING", "mlflow") != "off"
+
+
+def prestart() -> None:
+    """Start this process's tracking worker now, so that it imports mlflow while the stage imports
+    torch and transformers. A stage that ends before stage_run leaves it nothing to record."""
+    global _worker
+    if enabled() and _worker is None:
+        _worker = subprocess.Popen([sys.executable, "-m", "stages.core.tracking"], stdin=subprocess.PIPE, text=True)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, method: str | None = None, params: dict | None = None,
-              deps: list[str] | tuple = ()) -> Iterator[NullTracker | MlflowTracker]:
+              deps: list[str] | tuple = ()) -> Iterator[NullTracker | BackgroundTracker]:
     """A nested MLflow run for one stage; FINISHED on success, FAILED (and re-raised) on error."""
-    if os.environ.get("ALIGNPIPE_TRACKING", "mlflow") == "off":
+    global _worker
+    if not enabled():
         yield NullTracker()
         return
-    client, exp_id = client_and_experiment()
-    tags = {"stage": stage, "method": method or "", "git_commit": git_commit(), "alignpipe.kind": "stage"}
-    tags.update({f"dvc.dep.{d}": dvc_hash(d) for d in deps})
-    parent = os.environ.get("ALIGNPIPE_PARENT_RUN_ID") or _dvc_session_parent(client, exp_id)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    name = f"{stage}@{method}" if method else stage
-    run = client.create_run(exp_id, run_name=name, tags=tags)
-    tracker = MlflowTracker(client, run.info.run_id)
+    prestart()
+    tracker, _worker = BackgroundTracker(_worker), None
+    tracker._send("start", stage=stage, method=method or "", deps=[str(d) for d in deps],
+                  parent=os.environ.get("ALIGNPIPE_PARENT_RUN_ID"))
     if params:
         tracker.log_params(params)
     try:
         yield tracker
     except BaseException:
-        client.set_terminated(run.info.run_id, "FAILED")
+        tracker.close("FAILED")
         raise
-    client.set_terminated(run.info.run_id, "FINISHED")
+    tracker.close("FINISHED")
+
+
+def _start(client, exp_id: str, stage: str, method: str, deps: list[str], parent: str | None) -> MlflowTracker:
+    tags = {"stage": stage, "method": method, "git_commit": git_commit(), "alignpipe.kind": "stage"}
+    tags.update({f"dvc.dep.{d}": dvc_hash(d) for d in deps})
+    parent = parent or _dvc_session_parent(client, exp_id)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = client.create_run(exp_id, run_name=f"{stage}@{method}" if method else stage, tags=tags)
+    return MlflowTracker(client, run.info.run_id)
+
+
+OPS = {
+    "params": lambda tr, m: tr.log_params(m["params"]),
+    "metrics": lambda tr, m: tr.log_metrics(m["metrics"], m["step"]),
+    "artifact": lambda tr, m: tr.log_artifact(m["path"], m["artifact_path"]),
+    "tags": lambda tr, m: tr.set_tags(m["tags"]),
+}
+
+
+def worker() -> None:
+    """The worker: apply the JSON lines on stdin to one MLflow run. A stage that dies without saying
+    "end" leaves its run FAILED."""
+    client, exp_id = client_and_experiment()
+    tracker, status = None, "FAILED"
+    for line in sys.stdin:
+        msg = json.loads(line)
+        op = msg.pop("op")
+        if op == "start":
+            tracker = _start(client, exp_id, **msg)
+        elif op == "end":
+            status = msg["status"]
+            break
+        else:
+            OPS[op](tracker, msg)
+    if tracker is not None:
+        client.set_terminated(tracker.run_id, status)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -197,3 +295,7 @@ def _dvc_session_parent(client, exp_id: str) -> str | None:
                             tags={"alignpipe.kind": "pipeline", "alignpipe.session": session, "entry": "dvc repro"})
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
+
+
+if __name__ == "__main__":
+    worker()

@@ -84,6 +84,16 @@ def rollout_metrics(b: Batch) -> dict:
     return m
 
 
+def sampler_gap(logps: torch.Tensor, b: Batch, idx, strict: bool, tol: float = 1e-3) -> float:
+    """Largest difference between the trainer's log-probs of the sampled tokens and the sampler's,
+    before any update of this step: they are the same weights, so a gap means the sampler used
+    stale weights or another temperature (TRL #5312). An error in fp32; reported under autocast."""
+    gap = float(((logps.detach().float() - b.old_logps[idx]).abs() * b.mask[idx]).max())
+    if gap > tol and strict:
+        raise RuntimeError(f"the trainer's log-probs of the sampled tokens differ from the sampler's by {gap:.3g}")
+    return gap
+
+
 # ---------------------------------------------------------------------------------------------- methods
 
 def grpo_advantages(b: Batch, c) -> tuple[torch.Tensor, dict]:
@@ -151,10 +161,12 @@ def fit(method: str, cfg, args, device, tracker):
         parts = torch.arange(n, device=device).chunk(c.minibatches)
         batch_tokens = float(b.mask.sum()) / len(parts)  # dapo: tokens per optimizer step of this generation batch
         policy.train()
-        for _ in range(c.num_iterations):
-            for idx in parts:
+        for it in range(c.num_iterations):
+            for part, idx in enumerate(parts):
                 with models.autocast(device):
                     logps, entropy = token_logps(policy, b.seqs.select(idx), c.temperature, with_entropy=True)
+                if it == 0 and part == 0:
+                    logp_gap = sampler_gap(logps, b, idx, strict=device.type == "cpu")
                 loss, stats = loss_fn(logps.float(), b, idx, adv, c, batch_tokens)
                 grad_norm = guard(loss, lr)
         step_seconds = time.perf_counter() - t0
@@ -165,7 +177,7 @@ def fit(method: str, cfg, args, device, tracker):
             "train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm, **rollout_metrics(b),
             "policy/clipfrac": stats["clipfrac"], "policy/entropy": float(losses.masked_mean(entropy, b.mask[idx])),
             "perf/gen_share": b.gen_seconds / step_seconds, "perf/rollout_tokens_per_sec": b.n_tokens / b.gen_seconds,
-            **({"policy/kl": stats["kl"]} if "kl" in stats else {}), **adv_stats,
+            "rollout/logp_gap": logp_gap, **({"policy/kl": stats["kl"]} if "kl" in stats else {}), **adv_stats,
         }
         if step + 1 in probe_at:
             metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, c.max_new_tokens,

@@ -20,7 +20,7 @@ import torch
 
 from stages.core import advantages, evaluation, io, losses, models, train
 from stages.core.logprobs import position_ids, token_logps
-from stages.methods.online import collect, load_models, rollout_metrics
+from stages.methods.online import collect, load_models, rollout_metrics, sampler_gap
 
 
 def token_values(value_model, seqs) -> torch.Tensor:
@@ -93,12 +93,14 @@ def fit(method: str, cfg, args, device, tracker):
         policy.train()
         value_model.train()
         perm = torch.randperm(len(b.seqs), generator=torch.Generator().manual_seed(cfg.seed + step))
-        for _ in range(c.num_iterations):
-            for idx in perm.to(device).chunk(c.minibatches):
+        for it in range(c.num_iterations):
+            for n_part, idx in enumerate(perm.to(device).chunk(c.minibatches)):
                 part, m = b.seqs.select(idx), mask[idx]
                 with models.autocast(device):
                     logps, entropy = token_logps(policy, part, c.temperature, with_entropy=True)
                     values = token_values(value_model, part)
+                if it == 0 and n_part == 0:
+                    logp_gap = sampler_gap(logps, b, idx, strict=device.type == "cpu")
                 pg_loss, clipfrac = losses.ppo_policy_loss(logps.float(), b.old_logps[idx], adv[idx], m, c.epsilon)
                 vf_loss, vf_clipfrac = losses.ppo_value_loss(values, old_values[idx], returns[idx], m,
                                                              c.cliprange_value)
@@ -116,6 +118,7 @@ def fit(method: str, cfg, args, device, tracker):
             "policy/kl": seq_kl, "policy/kl_coef": kl_ctl.coef, "policy/clipfrac": clipfrac,
             "policy/vf_clipfrac": vf_clipfrac, "policy/entropy": float(losses.masked_mean(entropy, m)),
             "perf/gen_share": b.gen_seconds / step_seconds, "perf/rollout_tokens_per_sec": b.n_tokens / b.gen_seconds,
+            "rollout/logp_gap": logp_gap,
         }
         if step + 1 in probe_at:
             metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, c.max_new_tokens,

@@ -1,0 +1,118 @@
+"""Every alignment method's real entry point on the tiny model, after prepare → sft → reward → pairs:
+it trains, writes its model and the shared metric names, evaluates, and counts its cost. GRPO resumes
+exactly after a kill (generator state included)."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import helpers
+from tests.test_stages import smoke_params, weights
+
+pytestmark = pytest.mark.smoke
+MODELS_IN_MEMORY = {"ppo": 4, "dpo": 1, "ipo": 1, "kto": 1, "grpo": 2, "rloo": 2}
+SHARED = {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_sec", "cost/models_in_memory",
+          "cost/tokens_generated", "cost/wall_s", "cost/peak_mem_mb", "probe/accuracy"}
+OFFLINE = {"rewards/chosen", "rewards/rejected", "rewards/margins"}
+ONLINE = {"rollout/reward_mean", "rollout/reward_std", "rollout/length", "rollout/accuracy", "policy/clipfrac",
+          "policy/entropy", "perf/gen_share", "perf/rollout_tokens_per_sec", "rollout/logp_gap"}
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    d = tmp_path_factory.mktemp("methods")
+    shutil.copy(helpers.SMOKE, d / "params.yaml")
+    helpers.stage("prepare", "--data-out", "data", "--model-out", "models/base", cwd=d)
+    helpers.stage("sft", "--train", "data/sft.jsonl", "--probe", "data/prompts.jsonl", "--base", "models/base",
+                  "--out", "models/sft", "--metrics", "metrics/train_sft.json", "--plots", "plots/train_sft.csv", cwd=d)
+    helpers.stage("reward", "--pairs", "data/preference.jsonl", "--sft", "models/sft", "--base", "models/base",
+                  "--out", "models/reward", "--metrics", "metrics/reward.json", "--plots", "plots/reward.csv", cwd=d)
+    helpers.stage("pairs", "--prompts", "data/prompts.jsonl", "--sft", "models/sft", "--reward", "models/reward",
+                  "--out", "pairs", "--metrics", "metrics/pairs.json", cwd=d)
+    helpers.stage("evaluate", "sft", "--eval", "data/eval.jsonl", "--policy", "models/sft", "--ref", "models/sft",
+                  "--reward", "models/reward", "--train-metrics", "metrics/train_sft.json",
+                  "--out", "metrics/eval_sft.json", "--answers", "evals/sft.jsonl", cwd=d)
+    return d
+
+
+def align_args(method, out=None):
+    out = out or f"models/{method}"
+    return [method, "--pairs", "pairs", "--prompts", "data/prompts.jsonl", "--sft", "models/sft",
+            "--reward", "models/reward", "--out", out, "--metrics", f"{out}.json", "--plots", f"{out}.csv"]
+
+
+def test_pairs_store_kto_rows_with_mismatched_reference(upstream):
+    rows = [json.loads(x) for x in (upstream / "pairs" / "kto.jsonl").read_text().splitlines()]
+    pairs = (upstream / "pairs" / "pairs.jsonl").read_text().splitlines()
+    assert len(rows) == 2 * len(pairs) > 0
+    assert [r["label"] for r in rows[:2]] == [True, False]
+    for i, r in enumerate(rows):
+        assert r["kl_completion_ids"] == rows[(i + 2) % len(rows)]["completion_ids"]  # another prompt's completion
+        assert isinstance(r["kl_ref_logp"], float) and r["kl_ref_logp"] < 0
+
+
+@pytest.mark.parametrize("method", list(MODELS_IN_MEMORY))
+def test_method_trains_evaluates_and_counts_its_cost(upstream, method):
+    d = upstream
+    out = helpers.stage("align", *align_args(method), cwd=d)
+    assert out.stdout.strip().splitlines()[-1].startswith(f"align@{method}:")
+    m = json.loads((d / f"models/{method}.json").read_text())
+    expected = SHARED | (ONLINE if MODELS_IN_MEMORY[method] != 1 else OFFLINE)
+    assert expected - set(m) == set(), method
+    assert m["cost/models_in_memory"] == MODELS_IN_MEMORY[method]
+    assert (m["cost/tokens_generated"] > 0) == (MODELS_IN_MEMORY[method] != 1)
+    if "rollout/logp_gap" in m:
+        assert m["rollout/logp_gap"] < 1e-3  # the sampler and the trainer see the same weights
+    assert (d / "models" / method / "model.safetensors").exists()
+
+
+def test_evaluate_copies_the_training_cost(upstream):
+    """evaluate@ppo: the held-out figures, and the cost of the four-model training it evaluates."""
+    d, method = upstream, "ppo"
+    if not (d / "models" / method).exists():
+        helpers.stage("align", *align_args(method), cwd=d)
+    helpers.stage("evaluate", method, "--eval", "data/eval.jsonl", "--policy", f"models/{method}", "--ref",
+                  "models/sft", "--reward", "models/reward", "--train-metrics", f"models/{method}.json",
+                  "--baseline", "evals/sft.jsonl", "--out", f"eval_{method}.json", "--answers", f"evals/{method}.jsonl",
+                  cwd=d)
+    e = json.loads((d / f"eval_{method}.json").read_text())
+    assert e["cost/models_in_memory"] == MODELS_IN_MEMORY[method]
+    assert e["eval/kl_to_ref"] >= 0 and 0 <= e["eval/win_rate_vs_sft"] <= 1
+
+
+def test_kto_warns_when_the_weights_are_out_of_range(upstream):
+    smoke_params(upstream / "params.yaml", **{"align.kto.desirable_weight": 3.0, "align.kto.steps": 2})
+    try:
+        out = helpers.stage("align", *align_args("kto", "models/kto_w"), cwd=upstream)
+    finally:
+        shutil.copy(helpers.SMOKE, upstream / "params.yaml")
+    assert "warning: align.kto: desirable_weight·n_D / (undesirable_weight·n_U) = 3.00 is outside [1, 4/3]" \
+        in out.stdout
+
+
+def test_grpo_resumes_exactly_after_a_kill(upstream):
+    d = upstream
+    smoke_params(d / "params.yaml", **{"align.grpo.steps": 16, "align.grpo.checkpoint_every": 4,
+                                        "align.grpo.probes": 0})
+    try:
+        helpers.stage("align", *align_args("grpo", "models/g_straight"), cwd=d)
+        proc = subprocess.Popen([sys.executable, "-m", "stages.align", *align_args("grpo", "models/g_resumed")], cwd=d,
+                                env=helpers.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        meta = d / ".checkpoints" / "align-grpo" / "meta.json"
+        deadline = time.time() + 120
+        while not meta.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert meta.exists(), "no checkpoint before the stage ended"
+        out = helpers.stage("align", *align_args("grpo", "models/g_resumed"), cwd=d)
+    finally:
+        shutil.copy(helpers.SMOKE, d / "params.yaml")
+    assert "resuming from step" in out.stdout
+    a, b = weights(d / "models" / "g_straight"), weights(d / "models" / "g_resumed")
+    assert all((a[k] - b[k]).abs().max() < 1e-6 for k in a)

@@ -1,0 +1,63 @@
+"""Built-in rewards: degenerate outputs never beat a plain wrong answer; a reward that cannot be
+computed is "no reward" (NaN, excluded, counted), never a silent 0."""
+
+import math
+
+import pytest
+import torch
+
+from stages.core import config, rewards
+
+ANSWER = "64"  # 12+34=46, digits reversed
+PLAIN_WRONG = ("65", False)
+DEGENERATE = {
+    "empty": ("", False),
+    "prompt copy": ("12+34=", False),
+    "format only": ("0", False),  # well-formed, says nothing: the embedded format is just digits
+    "over-long": ("6464646464", True),  # ran out of tokens without EOS
+    "whitespace": ("   ", False),
+    "answer then junk": ("64 64", False),
+    "truncated right answer": ("64", True),  # the right digits but no EOS: not well-formed
+}
+BUILT_IN = {
+    "verifier": config.RewardWeights(reward_model=0.0, verifier=1.0),
+    "format": config.RewardWeights(reward_model=0.0, format=1.0),
+    "verifier + format": config.RewardWeights(reward_model=0.0, verifier=1.0, format=0.5),
+}
+
+
+def score(weights, text, truncated, answer=ANSWER):
+    fmt = rewards.format_ok(text, truncated, weights.format_pattern)
+    return rewards.mix(weights, None, [rewards.verify(text, answer)], [fmt])
+
+
+@pytest.mark.parametrize("reward", list(BUILT_IN))
+@pytest.mark.parametrize("case", [c for c in DEGENERATE if c != "truncated right answer"])
+def test_degenerate_outputs_never_beat_a_plain_wrong_answer(reward, case):
+    weights = BUILT_IN[reward]
+    assert score(weights, *DEGENERATE[case]).item() <= score(weights, *PLAIN_WRONG).item()
+
+
+def test_the_right_answer_wins_and_an_empty_reference_is_no_free_pass():
+    w = BUILT_IN["verifier + format"]
+    assert score(w, ANSWER, False).item() == 1.5
+    assert score(w, *DEGENERATE["truncated right answer"]).item() == 1.0  # correct digits, no format credit
+    assert rewards.verify("", "") == 0.0  # an empty answer never checks, even against an empty reference
+
+
+def test_a_verifier_that_cannot_run_is_no_reward_not_zero():
+    w = BUILT_IN["verifier"]
+    assert rewards.verify("64", None) is None
+    total = rewards.mix(w, None, [1.0, None, 0.0], [1.0, 1.0, 1.0])
+    assert total[0] == 1.0 and math.isnan(total[1]) and total[2] == 0.0
+
+
+def test_score_completions_counts_the_unscored(tok):
+    from stages.core import data
+
+    texts = ["64", "65", "1"]
+    seqs = data.collate([[1, 2]] * 3, [[5, tok.eos_token_id]] * 3, tok.pad_token_id)
+    s = rewards.score_completions(BUILT_IN["verifier + format"], texts, [False, False, False], ["64", "64", None],
+                                  rm=None, seqs=seqs, batch_size=8)
+    assert s.verifier == [1.0, 0.0, None] and s.format == [1.0, 1.0, 1.0] and s.reward_model is None
+    assert s.total[:2].tolist() == [1.5, 0.5] and torch.isnan(s.total[2]) and s.n_unscored == 1
