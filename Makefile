@@ -9,7 +9,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run smoke test lint bench ui clean
+.PHONY: setup run compare smoke test lint bench ui clean
 
 setup: $(STAMP)
 
@@ -22,12 +22,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-run: setup
-	$(BIN)/python -m flows.pipeline
+define UI_HINT
 	@echo
 	@echo "MLflow UI:   $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db   (http://127.0.0.1:5000)"
 	@echo "Prefect UI:  $(VENV)/bin/prefect server start                                             (http://127.0.0.1:4200)"
 	@echo "Or both:     make ui"
+endef
+
+# The whole pipeline on what params.yaml says (the embedded default: dpo and grpo).
+run: setup
+	$(BIN)/python -m flows.pipeline
+	$(UI_HINT)
+
+# All six methods on the same SFT model, reward model and pairs: sets align.methods in params.yaml.
+compare: setup
+	$(BIN)/python -m flows.pipeline --methods ppo dpo ipo kto grpo rloo
+	$(UI_HINT)
 
 # The whole chain on the smoke profile, in a scratch workspace (.smoke/), in about a minute.
 smoke: setup
@@ -37,6 +47,9 @@ smoke: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m bench.bench_vs_trl
 
 lint: setup
 	$(BIN)/ruff check stages flows tests bench

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from stages.core import config, io, models, stage, tracking
+from stages.core import config, models, stage, tracking
 from stages.methods import online, ppo, preference
 
 METHODS = {"ppo": ppo.fit, "dpo": preference.fit, "ipo": preference.fit, "kto": preference.fit,
@@ -22,10 +22,8 @@ assert set(METHODS) == set(config.METHOD_CONFIGS), "every method needs a params 
 
 
 def main(argv=None) -> str:
-    p = stage.parser(__doc__)
+    p = stage.parser(__doc__, "--pairs", "--prompts", "--sft", "--reward", "--out", "--metrics", "--plots")
     p.add_argument("method", choices=sorted(METHODS))
-    for flag in ("--pairs", "--prompts", "--sft", "--reward", "--out", "--metrics", "--plots"):
-        p.add_argument(flag, required=True)
     args = p.parse_args(argv)
     cfg = config.load(args.params)
     mcfg = cfg.align.method(args.method)
@@ -36,12 +34,8 @@ def main(argv=None) -> str:
                             deps=[args.sft, args.pairs, args.reward]) as tr:
         model, tok, metrics, rows = METHODS[args.method](args.method, cfg, args, device, tr)
         metrics = {**metrics, "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device)}
-        with io.atomic_dir(args.out) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        io.write_json(args.metrics, metrics)
-        io.write_csv(args.plots, rows)
-        tr.log_metrics(metrics, step=rows[-1]["step"] if rows else 0)
+        stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, rows, tr,
+                            rows[-1]["step"] if rows else 0)
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("train/loss", "probe/accuracy") if k in metrics)
     return f"align@{args.method}: {shown}, {metrics['cost/wall_s']:.0f}s → {args.out}"
 

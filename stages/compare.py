@@ -86,9 +86,7 @@ def plot(table: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> str:
-    p = stage.parser(__doc__)
-    for flag in ("--metrics", "--plots", "--out"):
-        p.add_argument(flag, required=True)
+    p = stage.parser(__doc__, "--metrics", "--plots", "--out")
     args = p.parse_args(argv)
     cfg = config.load(args.params)
     names = ["sft", *cfg.align.methods]

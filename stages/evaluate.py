@@ -28,10 +28,8 @@ def win_rate(scores: list[float], baseline: list[float]) -> float:
 
 
 def main(argv=None) -> str:
-    p = stage.parser(__doc__)
+    p = stage.parser(__doc__, "--eval", "--policy", "--ref", "--reward", "--train-metrics", "--out", "--answers")
     p.add_argument("name", help="sft, or an alignment method")
-    for flag in ("--eval", "--policy", "--ref", "--reward", "--train-metrics", "--out", "--answers"):
-        p.add_argument(flag, required=True)
     p.add_argument("--baseline", help="the SFT answers (evals/sft.jsonl); omitted when evaluating sft itself")
     args = p.parse_args(argv)
     cfg = config.load(args.params)

@@ -74,9 +74,7 @@ def ref_logps(model, prompts: list[list[int]], completions: list[list[int]], pad
 
 
 def main(argv=None) -> str:
-    p = stage.parser(__doc__)
-    for flag in ("--prompts", "--sft", "--reward", "--out", "--metrics"):
-        p.add_argument(flag, required=True)
+    p = stage.parser(__doc__, "--prompts", "--sft", "--reward", "--out", "--metrics")
     args = p.parse_args(argv)
     cfg = config.load(args.params)
     c = cfg.pairs

@@ -66,9 +66,7 @@ def check_lengths(sets: dict[str, list[dict]], max_positions: int | None) -> Non
 
 
 def main(argv=None) -> str:
-    p = stage.parser(__doc__)
-    p.add_argument("--data-out", required=True)
-    p.add_argument("--model-out", required=True)
+    p = stage.parser(__doc__, "--data-out", "--model-out")
     args = p.parse_args(argv)
     cfg = config.load(args.params)
     sets = load_sets(cfg)

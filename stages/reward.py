@@ -31,9 +31,7 @@ def evaluate_pairs(rm, rows: list[dict], pad_id: int, batch_size: int) -> tuple[
 
 
 def main(argv=None) -> str:
-    p = stage.parser(__doc__)
-    for flag in ("--pairs", "--sft", "--base", "--out", "--metrics", "--plots"):
-        p.add_argument(flag, required=True)
+    p = stage.parser(__doc__, "--pairs", "--sft", "--base", "--out", "--metrics", "--plots")
     args = p.parse_args(argv)
     cfg = config.load(args.params)
     c = cfg.reward
@@ -89,12 +87,7 @@ def main(argv=None) -> str:
             "reward/n_heldout": len(heldout), "train/skipped_steps": guard.skipped,
             "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device),
         }
-        with io.atomic_dir(args.out) as tmp:
-            rm.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        io.write_json(args.metrics, metrics)
-        io.write_csv(args.plots, log.rows)
-        tr.log_metrics(metrics, step=c.steps)
+        stage.write_trained(rm, tok, args.out, args.metrics, metrics, args.plots, log.rows, tr, c.steps)
     ckpt.clear()
     return (f"reward: {c.steps} steps on {len(train_pairs)} pairs, held-out accuracy {accuracy:.3f} "
             f"({len(heldout)} pairs) → {args.out}")

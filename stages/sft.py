@@ -17,9 +17,7 @@ from stages.core.logprobs import token_logps
 
 
 def main(argv=None) -> str:
-    p = stage.parser(__doc__)
-    for flag in ("--train", "--probe", "--base", "--out", "--metrics", "--plots"):
-        p.add_argument(flag, required=True)
+    p = stage.parser(__doc__, "--train", "--probe", "--base", "--out", "--metrics", "--plots")
     args = p.parse_args(argv)
     cfg = config.load(args.params)
     c = cfg.sft
@@ -62,12 +60,7 @@ def main(argv=None) -> str:
             "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device),
             "cost/models_in_memory": 1, "cost/tokens_generated": 0,
         }
-        with io.atomic_dir(args.out) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        io.write_json(args.metrics, metrics)
-        io.write_csv(args.plots, log.rows)
-        tr.log_metrics(metrics, step=c.steps)
+        stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, log.rows, tr, c.steps)
     ckpt.clear()
     return (f"sft: {c.steps} steps on {len(examples)} examples, final loss {metrics['train/loss']:.4f}, "
             f"probe accuracy {metrics.get('probe/accuracy', float('nan')):.3f}, "

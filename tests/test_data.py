@@ -72,6 +72,15 @@ def test_messages_become_prompt_and_completion():
     assert row == {"prompt": conv("user", "1+1="), "completion": conv("assistant", "2")}
 
 
+def test_implicit_prompt_preferences_are_split():
+    """Full conversations in chosen/rejected (UltraFeedback's layout): the shared turns become the prompt."""
+    row = {"prompt": "1+1=", "chosen": conv("user", "1+1=") + conv("assistant", "2"),
+           "rejected": conv("user", "1+1=") + conv("assistant", "3")}
+    (out,) = data.normalize([row], "preference", "src")
+    assert out == {"prompt": conv("user", "1+1="), "chosen": conv("assistant", "2"),
+                   "rejected": conv("assistant", "3")}
+
+
 def test_prompts_keep_the_answer_column():
     rows = data.normalize([{"prompt": "1+1=", "solution": 2}], "prompts", "src", answer_column="solution")
     assert rows == [{"prompt": "1+1=", "answer": "2"}]

@@ -73,6 +73,8 @@ def normalize(rows: list[dict], kind: str, source: str, answer_column: str = "an
                 raise ConfigError(f"{where}: 'messages' must be a conversation ending with an assistant turn")
             row = {**row, "prompt": msgs[:-1], "completion": [msgs[-1]]}
             del row["messages"]
+        if kind == "preference":
+            row = _explicit_prompt(row)
         for col in KIND_COLUMNS[kind]:
             if col not in row or row[col] is None:
                 raise ConfigError(f"{where}: missing column {col!r}")
@@ -92,6 +94,20 @@ def normalize(rows: list[dict], kind: str, source: str, answer_column: str = "an
             keep["answer"] = str(row[answer_column])
         out.append(keep)
     return out
+
+
+def _explicit_prompt(row: dict) -> dict:
+    """Conversational chosen/rejected that carry the prompt themselves (TRL's "implicit prompt", e.g.
+    UltraFeedback's full conversations): their common leading messages become the prompt."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if not (_is_conversation(chosen) and _is_conversation(rejected)):
+        return row
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        return row
+    return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
 # ---------------------------------------------------------------------------------------------- tokens

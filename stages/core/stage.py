@@ -10,16 +10,32 @@ from typing import Callable
 
 from . import tracking
 from .config import ConfigError
+from .io import atomic_dir, write_csv, write_json
 
 
 class StageFailed(Exception):
     """The stage ran but its result fails a gate the params set (e.g. reward.min_accuracy)."""
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+def parser(description: str, *paths: str) -> argparse.ArgumentParser:
+    """The stage's command line: --params, and one required option per path dvc.yaml passes."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    for flag in paths:
+        p.add_argument(flag, required=True)
     return p
+
+
+def write_trained(model, tok, out: str, metrics_path: str, metrics: dict, plots_path: str, rows: list[dict],
+                  tracker, step: int) -> None:
+    """A training stage's outputs, each written atomically (the model directory with its tokenizer,
+    the metrics json, the per-step plot csv), and its final metrics to MLflow."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    write_json(metrics_path, metrics)
+    write_csv(plots_path, rows)
+    tracker.log_metrics(metrics, step=step)
 
 
 def run(main: Callable[[list[str] | None], str], argv: list[str] | None = None) -> None:
