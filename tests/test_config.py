@@ -7,7 +7,7 @@ from stages.core import config
 
 def test_defaults_validate_and_every_field_is_documented():
     p = config.Params()
-    assert p.align.methods == ["dpo"]
+    assert p.align.methods == ["dpo", "grpo"]  # one offline and one online method by default
 
     def walk(model):
         for name, field in type(model).model_fields.items():
