@@ -57,7 +57,7 @@ def test_pairs_store_kto_rows_with_mismatched_reference(upstream):
 
 
 @pytest.mark.parametrize("method", list(MODELS_IN_MEMORY))
-def test_method_trains_evaluates_and_counts_its_cost(upstream, method):
+def test_method_trains_and_counts_its_cost(upstream, method):
     d = upstream
     out = helpers.stage("align", *align_args(method), cwd=d)
     assert out.stdout.strip().splitlines()[-1].startswith(f"align@{method}:")
