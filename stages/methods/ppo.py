@@ -40,6 +40,21 @@ def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_
     return rewards
 
 
+@torch.no_grad()
+def rollout_targets(b, value_model, kl_fn, kl_coef: float, c, device):
+    """Old values, per-token KL, whitened GAE advantages and returns of one rollout.  → four [N, C]"""
+    mask = b.mask
+    with models.autocast(device):
+        old_values = token_values(value_model, b.seqs) * mask
+    score = torch.nan_to_num(b.scores.total.to(device)) - c.missing_eos_penalty * b.truncated.to(device)
+    kl = kl_fn(b.old_logps, b.ref_logps) * mask
+    r = token_rewards(score, kl, mask, kl_coef)
+    if c.whiten_rewards:
+        r = advantages.whiten(r, mask, shift_mean=False) * mask
+    adv, returns = advantages.gae(r, old_values, mask, c.gamma, c.lam)
+    return old_values, kl, advantages.whiten(adv, mask) * mask, returns
+
+
 class AdaptiveKL:
     """Ziegler et al. 2019: kl_coef ← kl_coef·(1 + clip(KL/target − 1, ±0.2)·n/horizon)."""
 
@@ -80,15 +95,7 @@ def fit(method: str, cfg, args, device, tracker):
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
         b = collect(policy, ref, rm, tok, rows, c, generator, device)
         mask = b.mask
-        with torch.no_grad(), models.autocast(device):
-            old_values = token_values(value_model, b.seqs) * mask  # [N, C]
-            score = torch.nan_to_num(b.scores.total.to(device)) - c.missing_eos_penalty * b.truncated.to(device)
-            kl = kl_fn(b.old_logps, b.ref_logps) * mask  # [N, C]
-            r = token_rewards(score, kl, mask, kl_ctl.coef)
-            if c.whiten_rewards:
-                r = advantages.whiten(r, mask, shift_mean=False) * mask
-            adv, returns = advantages.gae(r, old_values, mask, c.gamma, c.lam)  # [N, C]
-            adv = advantages.whiten(adv, mask) * mask
+        old_values, kl, adv, returns = rollout_targets(b, value_model, kl_fn, kl_ctl.coef, c, device)
         lr = train.lr_at(step, c, c.steps)
         policy.train()
         value_model.train()
