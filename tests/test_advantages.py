@@ -60,7 +60,15 @@ def test_gae_by_hand():
 
 
 def test_whiten():
-    """[1, 2, 3] (4th masked): mean 2, unbiased var 1 → [−1, 0, 1]; without the shift: [1, 2, 3]."""
+    """[1, 2, 3] (4th masked): mean 2, unbiased var 1 → [−1, 0, 1].
+    [2, 4, 6]: mean 4, unbiased var 4 → [−1, 0, 1]; without the shift the mean is put back: [3, 4, 5]."""
     x, m = T([[1.0, 2.0, 3.0, 100.0]]), T([[1, 1, 1, 0]])
     assert adv.whiten(x, m)[0, :3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
-    assert adv.whiten(x, m, shift_mean=False)[0, :3].tolist() == pytest.approx([1.0, 2.0, 3.0], abs=1e-6)
+    x2 = T([[2.0, 4.0, 6.0, 100.0]])
+    assert adv.whiten(x2, m)[0, :3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
+    assert adv.whiten(x2, m, shift_mean=False)[0, :3].tolist() == pytest.approx([3.0, 4.0, 5.0], abs=1e-6)
+
+
+def test_whiten_with_nothing_scored_is_zero_not_nan():
+    """A rollout where every completion had no reward leaves an all-zero mask: no signal, 0 advantages."""
+    assert adv.whiten(T([[1.0, 2.0]]), T([[0, 0]])).tolist() == [[0.0, 0.0]]

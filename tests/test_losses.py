@@ -131,6 +131,15 @@ def test_grpo_aggregations_by_hand():
         assert stats["clipfrac"] == 0.0
 
 
+def test_grpo_aggregation_skips_sequences_with_no_reward():
+    """A second row with no reward has an all-zero mask: grpo averages over the one scored row
+    (per-token losses [−1, −1] with A = 1 → −2/2 = −1), not over two rows (−0.5); bnpo likewise −1."""
+    logps, mask, adv = T([[-0.5, -0.7], [-0.2, -0.1]]), T([[1, 1], [0, 0]]), T([1.0, 0.0])
+    for loss_type in ("grpo", "bnpo"):
+        loss, _ = losses.grpo_loss(logps, logps, None, adv, mask, 0.2, 0.2, 0.0, loss_type)
+        assert loss.item() == pytest.approx(-1.0, abs=1e-6), loss_type
+
+
 def test_grpo_kl_term_by_hand():
     """One token, ratio 1, A = 0, logp = −1, ref = −2, β = 0.04: ℓ = 0.04·0.3678794 = 0.0147152."""
     loss, stats = losses.grpo_loss(T([[-1.0]]), T([[-1.0]]), T([[-2.0]]), T([0.0]), T([[1]]), 0.2, 0.2, 0.04, "bnpo")

@@ -64,6 +64,8 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     back when shift_mean is False (used to whiten rewards without moving them)."""
     m = mask.to(x.dtype)
     n = m.sum()
+    if n == 0:  # nothing scored: no signal, not NaN
+        return torch.zeros_like(x)
     mean = (x * m).sum() / n
     var = (((x - mean) ** 2) * m).sum() / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)

@@ -144,7 +144,8 @@ def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str
                      max_completion_length: int | None = None, batch_tokens: float | None = None) -> torch.Tensor:
     """Reduce per-token losses [B, T] to a scalar (the GRPO family's choices, as in TRL):
 
-        grpo     mean over sequences of (Σ_t loss / |y_i|)                (Shao et al. 2024)
+        grpo     mean over sequences of (Σ_t loss / |y_i|)                (Shao et al. 2024);
+                 a sequence with no valid token (no reward) is not counted
         bnpo     Σ loss / tokens in this (micro-)batch
         dr_grpo  Σ loss / (B × max_completion_length)                      (Liu et al. 2025, Dr. GRPO)
         dapo     Σ loss / batch_tokens, the tokens of the whole generation batch divided by the number
@@ -153,7 +154,8 @@ def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str
     mask = mask.to(per_token.dtype)
     total = (per_token * mask).sum()
     if loss_type == "grpo":
-        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        lengths = mask.sum(-1)
+        return ((per_token * mask).sum(-1) / lengths.clamp(min=1)).sum() / (lengths > 0).sum().clamp(min=1)
     if loss_type == "bnpo":
         return total / mask.sum().clamp(min=1)
     if loss_type == "dr_grpo":

@@ -102,6 +102,17 @@ def load_causal_lm(path: str, device: torch.device, trainable: bool = True):
     return model
 
 
+def disable_dropout(model):
+    """Dropout off in a model that is trained against stored or frozen log-probs (TRL's default for
+    DPO, GRPO, PPO): with dropout the ratio and the reference check would see noise, not drift."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    return model
+
+
 def load_reward_model(path: str, device: torch.device, trainable: bool = False, pad_token_id: int | None = None):
     """AutoModelForSequenceClassification with one label: the HF convention for a scalar reward model."""
     from transformers import AutoModelForSequenceClassification

@@ -22,7 +22,10 @@ class Batch:
 
     seqs:        Sequences [N, P+C] on the training device
     mask:        [N, C] completion mask, zeroed for completions with no reward (excluded from the loss)
-    old_logps:   [N, C] log-probs when sampled (temperature-scaled, the weights of this step)
+    sample_logps: [N, C] the sampler's log-probs of the drawn tokens (checked against the trainer's)
+    old_logps:   [N, C] the trainer's log-probs before this step's first update (temperature-scaled), or
+                 None when the batch feeds a single update and nothing else needs them: the loss then
+                 uses the detached current log-probs, so the ratio is exactly 1 (as TRL)
     ref_logps:   [N, C] under the reference (SFT) model, or None when no reference is held
     scores:      rewards.Scores of the N completions (total [N], NaN = no reward)
     truncated:   [N] bool, no EOS
@@ -31,7 +34,8 @@ class Batch:
 
     seqs: Sequences
     mask: torch.Tensor
-    old_logps: torch.Tensor
+    sample_logps: torch.Tensor
+    old_logps: torch.Tensor | None
     ref_logps: torch.Tensor | None
     scores: rewards.Scores
     truncated: torch.Tensor
@@ -45,15 +49,17 @@ class Batch:
 def load_models(cfg, c, args, device, needs_ref: bool):
     """(tokenizer, policy, reference or None, reward model or None) for an online method."""
     tok = models.load_tokenizer(args.sft)
-    policy = models.load_causal_lm(args.sft, device)
+    policy = models.disable_dropout(models.load_causal_lm(args.sft, device))
     ref = models.load_causal_lm(args.sft, device, trainable=False) if needs_ref else None
     rm = models.load_reward_model(args.reward, device) if c.reward.reward_model > 0 else None
     return tok, policy, ref, rm
 
 
 @torch.no_grad()
-def collect(policy, ref, rm, tok, rows: list[dict], c, generator, device) -> Batch:
-    """Sample, score and measure a generation batch from the current policy."""
+def collect(policy, ref, rm, tok, rows: list[dict], c, generator, device, need_old: bool) -> Batch:
+    """Sample, score and measure a generation batch from the current policy. need_old: compute the
+    old log-probs with the trainer's forward pass (not the sampler's: under bf16 the KV-cache decode
+    and the full forward differ, and the ratio must be exactly 1 before the first update)."""
     k = c.num_generations
     t0 = time.perf_counter()
     with models.autocast(device):
@@ -67,9 +73,11 @@ def collect(policy, ref, rm, tok, rows: list[dict], c, generator, device) -> Bat
         scores = rewards.score_completions(c.reward, ans.texts, truncated.tolist(), answers, rm, seqs,
                                            c.gen_batch_size)
         ref_logps = batched_token_logps(ref, seqs, c.gen_batch_size, c.temperature) if ref is not None else None
+        old_logps = batched_token_logps(policy, seqs, c.gen_batch_size, c.temperature) if need_old else None
     scored = ~torch.isnan(scores.total)
     mask = seqs.completion_mask.float() * scored.to(device)[:, None]
-    return Batch(seqs, mask, ans.rollout.sample_logps.to(device), ref_logps, scores, truncated, gen_seconds)
+    return Batch(seqs, mask, ans.rollout.sample_logps.to(device), old_logps, ref_logps, scores, truncated,
+                 gen_seconds)
 
 
 def rollout_metrics(b: Batch) -> dict:
@@ -88,7 +96,7 @@ def sampler_gap(logps: torch.Tensor, b: Batch, idx, strict: bool, tol: float = 1
     """Largest difference between the trainer's log-probs of the sampled tokens and the sampler's,
     before any update of this step: they are the same weights, so a gap means the sampler used
     stale weights or another temperature (TRL #5312). An error in fp32; reported under autocast."""
-    gap = float(((logps.detach().float() - b.old_logps[idx]).abs() * b.mask[idx]).max())
+    gap = float(((logps.detach().float() - b.sample_logps[idx]).abs() * b.mask[idx]).max())
     if gap > tol and strict:
         raise RuntimeError(f"the trainer's log-probs of the sampled tokens differ from the sampler's by {gap:.3g}")
     return gap
@@ -111,31 +119,39 @@ def rloo_advantages(b: Batch, c) -> tuple[torch.Tensor, dict]:
     return advantages.leave_one_out_advantages(r, c.num_generations, c.normalize_advantages), stats
 
 
+def old_logps(logps, b: Batch, idx) -> torch.Tensor:
+    """The ratio's denominator: the stored old log-probs, or the detached current ones (one update)."""
+    return b.old_logps[idx] if b.old_logps is not None else logps.detach()
+
+
 def grpo_loss(logps, b: Batch, idx, adv, c, batch_tokens):
     ref = b.ref_logps[idx] if b.ref_logps is not None else None
-    return losses.grpo_loss(logps, b.old_logps[idx], ref, adv[idx], b.mask[idx], c.epsilon, c.epsilon_high,
+    return losses.grpo_loss(logps, old_logps(logps, b, idx), ref, adv[idx], b.mask[idx], c.epsilon, c.epsilon_high,
                             c.beta, c.loss_type, c.max_new_tokens, batch_tokens)
 
 
 def rloo_loss(logps, b: Batch, idx, adv, c, batch_tokens):
     mask = b.mask[idx]
-    per_seq, clipped = losses.rloo_loss(sequence_logps(logps, mask), sequence_logps(b.old_logps[idx], mask),
+    per_seq, clipped = losses.rloo_loss(sequence_logps(logps, mask), sequence_logps(old_logps(logps, b, idx), mask),
                                         adv[idx], c.epsilon, c.epsilon_high)
-    keep = mask.sum(-1) > 0  # sequences with a reward
-    return per_seq[keep].mean(), {"clipfrac": clipped[keep].mean().item()}
+    keep = (mask.sum(-1) > 0).float()  # sequences with a reward; none at all gives 0, not NaN
+    return losses.masked_mean(per_seq, keep), {"clipfrac": losses.masked_mean(clipped.float(), keep).item()}
 
 
 METHODS = {
-    "grpo": (grpo_advantages, grpo_loss, lambda c: c.beta > 0),
-    "rloo": (rloo_advantages, rloo_loss, lambda c: c.beta > 0),
+    "grpo": (grpo_advantages, grpo_loss, lambda c: c.beta > 0, lambda c: False),
+    "rloo": (rloo_advantages, rloo_loss, lambda c: c.beta > 0, lambda c: c.beta > 0),
 }
-"""method → (advantages(batch, cfg), loss(logps, batch, rows, advantages, cfg, batch_tokens), needs a reference?)."""
+"""method → (advantages(batch, cfg), loss(logps, batch, rows, advantages, cfg, batch_tokens), needs a reference?,
+needs the old log-probs before training? (RLOO's KL-in-reward does); a batch used for more than one update
+always needs them)."""
 
 
 def fit(method: str, cfg, args, device, tracker):
     """Online RL from the SFT policy → (model, tokenizer, final metrics, logged rows)."""
     c = cfg.align.method(method)
-    advantage_fn, loss_fn, needs_ref = METHODS[method]
+    advantage_fn, loss_fn, needs_ref, needs_old = METHODS[method]
+    need_old = needs_old(c) or c.num_iterations > 1 or c.minibatches > 1
     prompts = io.read_jsonl(args.prompts)
     probe = prompts[:c.probe_size]
     tok, policy, ref, rm = load_models(cfg, c, args, device, needs_ref(c))
@@ -154,7 +170,7 @@ def fit(method: str, cfg, args, device, tracker):
     for step in range(start, c.steps):
         t0 = time.perf_counter()
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
-        b = collect(policy, ref, rm, tok, rows, c, generator, device)
+        b = collect(policy, ref, rm, tok, rows, c, generator, device, need_old)
         adv, adv_stats = advantage_fn(b, c)
         lr = train.lr_at(step, c, c.steps)
         n = len(b.seqs)

@@ -73,7 +73,7 @@ def fit(method: str, cfg, args, device, tracker):
     prompts = io.read_jsonl(args.prompts)
     probe = prompts[:c.probe_size]
     tok, policy, ref, rm = load_models(cfg, c, args, device, needs_ref=True)
-    value_model = models.load_reward_model(args.reward, device, trainable=True)
+    value_model = models.disable_dropout(models.load_reward_model(args.reward, device, trainable=True))
     params = list(policy.parameters()) + list(value_model.parameters())
     opt = train.make_optimizer(params, c)
     guard = train.GuardedStep(params, opt, c.max_grad_norm)
@@ -93,7 +93,7 @@ def fit(method: str, cfg, args, device, tracker):
     for step in range(start, c.steps):
         t0 = time.perf_counter()
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
-        b = collect(policy, ref, rm, tok, rows, c, generator, device)
+        b = collect(policy, ref, rm, tok, rows, c, generator, device, need_old=True)
         mask = b.mask
         old_values, kl, adv, returns = rollout_targets(b, value_model, kl_fn, kl_ctl.coef, c, device)
         lr = train.lr_at(step, c, c.steps)
@@ -113,7 +113,7 @@ def fit(method: str, cfg, args, device, tracker):
                                                              c.cliprange_value)
                 loss = pg_loss + c.vf_coef * vf_loss
                 grad_norm = guard(loss, lr)
-        seq_kl = float(kl.sum(-1).mean())
+        seq_kl = float(kl.sum(-1)[mask.sum(-1) > 0].mean()) if mask.any() else 0.0  # over scored rows
         kl_ctl.update(seq_kl, len(b.seqs))
         step_seconds = time.perf_counter() - t0
         totals["gen_seconds"] += b.gen_seconds
