@@ -36,29 +36,39 @@ def paired():
     return mask, policy, ref
 
 
-@pytest.mark.parametrize("beta", [0.1, 0.5])
-def test_dpo_matches_trl(paired, beta):
+def trl_dpo_family_loss(paired, beta: float, loss_type: str):
+    """DPOTrainer._compute_loss on 3 chosen + 3 rejected rows with precomputed reference log-probs
+    → (loss, the metrics it logged)."""
     from trl import DPOTrainer
 
     mask, policy, ref = paired
     ids, am, cm = layout(mask)
-    s = trainer_self(beta=beta, loss_types=["sigmoid"], loss_weights=[1.0], ld_alpha=None, precompute_ref_logps=True,
-                     f_divergence_type="reverse_kl", label_smoothing=0.0, use_weighting=False)
+    s = trainer_self(beta=beta, loss_types=[loss_type], loss_weights=[1.0], ld_alpha=None,
+                     precompute_ref_logps=True, f_divergence_type="reverse_kl", label_smoothing=0.0,
+                     use_weighting=False)
     ref_seq = (ref * mask).sum(1)
     inputs = dict(input_ids=ids, attention_mask=am, completion_mask=cm,
                   ref_chosen_logps=ref_seq[:3], ref_rejected_logps=ref_seq[3:])
-    trl_loss = DPOTrainer._compute_loss(s, FusedLM([(ids, policy)]), inputs, return_outputs=False)
+    return DPOTrainer._compute_loss(s, FusedLM([(ids, policy)]), inputs, return_outputs=False), last_metrics(s)
 
-    pi = (policy * mask).sum(1)
-    per_pair, r_c, r_r = losses.dpo_loss(pi[:3], pi[3:], ref_seq[:3], ref_seq[3:], beta)
-    ours = per_pair.mean()
+
+def assert_pair_loss_matches(ours, r_c, r_r, trl_loss, m, policy):
+    """Same loss, same gradient w.r.t. the policy log-probs, same rewards/* as TRL logged."""
     assert ours.item() == pytest.approx(trl_loss.item(), abs=TOL)
     assert torch.allclose(grads(ours, policy)[0], grads(trl_loss, policy)[0], atol=TOL)
-    m = {k: v[-1] for k, v in s._metrics["train"].items()}
     assert r_c.mean().item() == pytest.approx(m["rewards/chosen"], abs=TOL)
     assert r_r.mean().item() == pytest.approx(m["rewards/rejected"], abs=TOL)
     assert (r_c - r_r).mean().item() == pytest.approx(m["rewards/margins"], abs=TOL)
     assert (r_c > r_r).float().mean().item() == pytest.approx(m["rewards/accuracies"], abs=TOL)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_matches_trl(paired, beta):
+    mask, policy, ref = paired
+    trl_loss, trl_metrics = trl_dpo_family_loss(paired, beta, "sigmoid")
+    pi, ref_seq = (policy * mask).sum(1), (ref * mask).sum(1)
+    per_pair, r_c, r_r = losses.dpo_loss(pi[:3], pi[3:], ref_seq[:3], ref_seq[3:], beta)
+    assert_pair_loss_matches(per_pair.mean(), r_c, r_r, trl_loss, trl_metrics, policy)
 
 
 @pytest.mark.parametrize("center", [None, 0.01])
@@ -95,27 +105,13 @@ def last_metrics(s) -> dict:
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_ipo_matches_trl(paired, beta):
     """ipo_loss(length_normalize=True) vs DPOTrainer._compute_loss(loss_types=["ipo"]): loss, grads, rewards/*."""
-    from trl import DPOTrainer
-
     mask, policy, ref = paired
-    ids, am, cm = layout(mask)
-    s = trainer_self(beta=beta, loss_types=["ipo"], loss_weights=[1.0], ld_alpha=None, precompute_ref_logps=True,
-                     f_divergence_type="reverse_kl", label_smoothing=0.0, use_weighting=False)
-    ref_seq = (ref * mask).sum(1)
-    inputs = dict(input_ids=ids, attention_mask=am, completion_mask=cm,
-                  ref_chosen_logps=ref_seq[:3], ref_rejected_logps=ref_seq[3:])
-    trl_loss = DPOTrainer._compute_loss(s, FusedLM([(ids, policy)]), inputs, return_outputs=False)
-
-    pi, n = (policy * mask).sum(1), mask.sum(1)  # TRL gets per-token log-probs and divides by the lengths itself
+    trl_loss, trl_metrics = trl_dpo_family_loss(paired, beta, "ipo")
+    pi, ref_seq = (policy * mask).sum(1), (ref * mask).sum(1)
+    n = mask.sum(1)  # TRL gets per-token log-probs and divides by the lengths itself
     per_pair, r_c, r_r = losses.ipo_loss(pi[:3], pi[3:], ref_seq[:3], ref_seq[3:], n[:3], n[3:], beta)
-    ours = per_pair.mean()
-    assert ours.item() == pytest.approx(trl_loss.item(), abs=TOL)
-    assert torch.allclose(grads(ours, policy)[0], grads(trl_loss, policy)[0], atol=TOL)
-    m = last_metrics(s)  # TRL logs β·ρ with the SUMMED ρ for ipo too, as we return
-    assert r_c.mean().item() == pytest.approx(m["rewards/chosen"], abs=TOL)
-    assert r_r.mean().item() == pytest.approx(m["rewards/rejected"], abs=TOL)
-    assert (r_c - r_r).mean().item() == pytest.approx(m["rewards/margins"], abs=TOL)
-    assert (r_c > r_r).float().mean().item() == pytest.approx(m["rewards/accuracies"], abs=TOL)
+    # TRL logs β·ρ with the SUMMED ρ for ipo too, as we return
+    assert_pair_loss_matches(per_pair.mean(), r_c, r_r, trl_loss, trl_metrics, policy)
 
 
 # ----------------------------------------------------------------------------------------------------------- KTO
