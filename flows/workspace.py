@@ -31,22 +31,32 @@ def create(dest: str | Path, params: str | Path | None = None, src: Path = ROOT)
     if dest.exists():
         raise FileExistsError(f"{dest} exists; a workspace is always made fresh")
     dest.mkdir(parents=True)
-    for name in CONTENTS:
-        s = src / name
-        if s.is_dir():
-            shutil.copytree(s, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(s, dest / name)
-    shutil.copy2(Path(params) if params else src / "params.yaml", dest / "params.yaml")
+    copy_code(dest, params, src)
     git = ["git", "-c", "user.name=alignpipe", "-c", "user.email=alignpipe@localhost"]
     _run(["git", "init", "-q"], dest)
     dvc = [sys.executable, "-m", "dvc"]
     _run(dvc + ["init", "-q"], dest)
-    for key, value in (("core.analytics", "false"), ("core.check_update", "false"), ("core.autostage", "false")):
+    # A model is stored once: the workspace's copy is a link to DVC's cache (reflink where the filesystem
+    # has it, else a hardlink), not a second copy. Stages only ever replace outputs (atomic renames).
+    for key, value in (("core.analytics", "false"), ("core.check_update", "false"), ("core.autostage", "false"),
+                       ("cache.type", "reflink,hardlink,copy")):
         _run(dvc + ["config", key, value], dest)
     _run(["git", "add", "-A"], dest)
     _run(git + ["commit", "-q", "-m", "workspace"], dest)
     return dest
+
+
+def copy_code(dest: Path, params: str | Path | None = None, src: Path = ROOT) -> None:
+    """The pipeline's code, dvc.yaml and `params` (as params.yaml) into `dest`, replacing what is there.
+    Outputs, DVC's cache and dvc.lock stay: a later `dvc repro` reruns only what the new code made stale."""
+    for name in CONTENTS:
+        s = src / name
+        if s.is_dir():
+            shutil.rmtree(dest / name, ignore_errors=True)
+            shutil.copytree(s, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(s, dest / name)
+    shutil.copy2(Path(params) if params else src / "params.yaml", dest / "params.yaml")
 
 
 def main() -> None:

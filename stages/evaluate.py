@@ -34,7 +34,7 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     cfg = config.load(args.params)
     c = cfg.evaluate
-    device = models.setup_torch(cfg.seed)
+    device = models.setup_torch(cfg.seed, args.policy)
     t0 = time.perf_counter()
 
     rows = io.read_jsonl(args.eval)
@@ -49,7 +49,7 @@ def main(argv=None) -> str:
         with models.autocast(device):
             greedy = evaluation.generate(policy, tok, prompt_ids, c.max_new_tokens, c.batch_size)
             scores = rewards.reward_model_scores(rm, greedy.seqs, c.batch_size)  # [N]
-        correct = evaluation.verifier_scores(greedy.texts, [r.get("answer") for r in rows])
+        correct = evaluation.verifier_scores(greedy.texts, [r.get("answer") for r in rows], cfg.verifier)
         lengths = greedy.seqs.completion_mask.sum(-1).float()  # [N]
 
         if args.baseline:

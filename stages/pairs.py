@@ -24,17 +24,35 @@ from stages.core import config, data, evaluation, io, models, rewards, stage, tr
 from stages.core.logprobs import batched_token_logps, sequence_logps
 
 
-def build_pairs(samples: list[dict], k: int) -> tuple[list[dict], dict]:
-    """Best vs worst of each group of k samples → (pair rows, counts of what was dropped and why)."""
-    pairs, counts = [], {"ties": 0, "unscorable": 0}
+def build_pairs(samples: list[dict], k: int, truncated: str = "drop", penalty: float = 1.0) -> tuple[list[dict], dict]:
+    """Best vs worst of each group of k samples → (pair rows, counts of what was dropped and why).
+
+    A truncated sample (no end-of-turn token) is never chosen: with truncated = "drop" it leaves its
+    group; with "penalize" it stays a candidate for rejected with its score lowered by `penalty`.
+    """
+    pairs = []
+    counts = {"ties": 0, "unscorable": 0, "unfinished": 0, "truncated_dropped": 0, "truncated_penalized": 0}
     for g in range(0, len(samples), k):
         group = [s for s in samples[g:g + k] if not math.isnan(s["score"])]
+        n_cut = sum(s["truncated"] for s in group)
+        if truncated == "drop":
+            group = [s for s in group if not s["truncated"]]
+            counts["truncated_dropped"] += n_cut
+        else:
+            counts["truncated_penalized"] += n_cut
+        finished = [s for s in group if not s["truncated"]]
         if len(group) < 2:
             counts["unscorable"] += 1
             continue
-        best = max(group, key=lambda s: s["score"])
-        worst = min(group, key=lambda s: s["score"])
-        if best["score"] - worst["score"] <= 1e-6 or best["completion_ids"] == worst["completion_ids"]:
+        if not finished:
+            counts["unfinished"] += 1
+            continue
+
+        def ranked(s: dict) -> float:
+            return s["score"] - (penalty if s["truncated"] else 0.0)
+
+        best, worst = max(finished, key=ranked), min(group, key=ranked)
+        if ranked(best) - ranked(worst) <= 1e-6 or best["completion_ids"] == worst["completion_ids"]:
             counts["ties"] += 1
             continue
         pairs.append({
@@ -43,7 +61,7 @@ def build_pairs(samples: list[dict], k: int) -> tuple[list[dict], dict]:
             "chosen_score": best["score"], "chosen_verifier": best["verifier"],
             "rejected": worst["completion"], "rejected_ids": worst["completion_ids"],
             "rejected_ref_logp": worst["ref_logp"], "rejected_score": worst["score"],
-            "rejected_verifier": worst["verifier"],
+            "rejected_verifier": worst["verifier"], "rejected_truncated": worst["truncated"],
         })
     return pairs, counts
 
@@ -78,7 +96,7 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     cfg = config.load(args.params)
     c = cfg.pairs
-    device = models.setup_torch(cfg.seed)
+    device = models.setup_torch(cfg.seed, args.sft)
     t0 = time.perf_counter()
 
     prompts = io.read_jsonl(args.prompts)
@@ -100,7 +118,8 @@ def main(argv=None) -> str:
         t_gen = time.perf_counter() - t_gen
         seqs, truncated = ans.seqs, ans.rollout.truncated.tolist()
         with models.autocast(device):
-            scores = rewards.score_completions(c.score, ans.texts, truncated, answers, rm, seqs, c.batch_size)
+            scores = rewards.score_completions(c.score, ans.texts, truncated, rewards.group_columns(prompts, k), rm,
+                                               seqs, c.batch_size, cfg.verifier)
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(seqs.completion_ids, seqs.completion_mask)]
         prompt_ids = [prompts[i // k]["prompt_ids"] for i in range(len(ans.texts))]
         ref = ref_logps(policy, prompt_ids, completion_ids, tok.pad_token_id, c.batch_size, device)  # temperature 1
@@ -110,10 +129,13 @@ def main(argv=None) -> str:
             "score": float(scores.total[i]), "verifier": scores.verifier[i], "format": scores.format[i],
             "reward_model": None if scores.reward_model is None else float(scores.reward_model[i]),
         } for i, text in enumerate(ans.texts)]
-        pairs, dropped = build_pairs(samples, k)
+        pairs, dropped = build_pairs(samples, k, c.truncated, c.truncated_penalty)
         if not pairs:
-            raise stage.StageFailed(f"pairs: no pairs from {len(prompts)} prompts (ties {dropped['ties']}, "
-                                    f"unscorable {dropped['unscorable']}); sample more or change pairs.score")
+            cause = rewards.no_signal_cause(scores, answers, c.score)
+            why = (f"{dropped['ties']} ties, {dropped['unscorable']} unscorable, "
+                   f"{dropped['unfinished']} with no finished completion")
+            raise stage.StageFailed(f"pairs: no pair could be formed from {len(prompts)} prompts ({why}): {cause}; "
+                                    f"e.g. reply {ans.texts[0][:80]!r}, reference answer {answers[0]!r}")
         kto_rows = unpaired(pairs)
         kl_ref = ref_logps(policy, [r["prompt_ids"] for r in kto_rows], [r["kl_completion_ids"] for r in kto_rows],
                            tok.pad_token_id, c.batch_size, device)
@@ -124,6 +146,8 @@ def main(argv=None) -> str:
         metrics = {
             "pairs/n_prompts": len(prompts), "pairs/n_samples": len(samples), "pairs/n_pairs": len(pairs),
             "pairs/ties_dropped": dropped["ties"], "pairs/unscorable_dropped": dropped["unscorable"],
+            "pairs/unfinished_dropped": dropped["unfinished"], "pairs/truncated_dropped": dropped["truncated_dropped"],
+            "pairs/truncated_penalized": dropped["truncated_penalized"],
             "pairs/no_reward": scores.n_unscored, "pairs/sample_accuracy": evaluation.accuracy(scores.verifier),
             "pairs/chosen_accuracy": evaluation.accuracy([p["chosen_verifier"] for p in pairs]),
             "pairs/rejected_accuracy": evaluation.accuracy([p["rejected_verifier"] for p in pairs]),

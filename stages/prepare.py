@@ -10,6 +10,10 @@ before anything is written; both outputs appear atomically.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from stages.core import config, data, io, models, stage, task, tracking
 
 KINDS = {"sft": "sft", "preference": "preference", "prompts": "prompts", "eval": "prompts"}
@@ -22,7 +26,7 @@ def load_sets(cfg: config.Params) -> dict[str, list[dict]]:
     embedded = None
     if "embedded" in sources.values():
         e = d.embedded
-        embedded = task.make_datasets(e.max_operand, e.n_sft, e.carry_slip, e.sft_noise, e.n_preference,
+        embedded = task.TASKS[e.task](e.max_operand, e.n_sft, e.carry_slip, e.sft_noise, e.n_preference,
                                       e.carry_pairs, e.n_prompts, e.n_eval, cfg.seed)
     sets = {}
     for name, source in sources.items():
@@ -35,7 +39,7 @@ def load_sets(cfg: config.Params) -> dict[str, list[dict]]:
 
 
 def build_model(cfg: config.Params):
-    """(tokenizer, model, description) — embedded tiny Llama, or a local / cached hub model."""
+    """(tokenizer, model, description) — embedded tiny Llama, a .gguf file, or a local / cached hub model."""
     m = cfg.model
     if m.name_or_path == "embedded":
         e = m.embedded
@@ -44,13 +48,37 @@ def build_model(cfg: config.Params):
                                         e.max_positions, cfg.seed)
         return tok, model, "embedded tiny Llama"
     models.check_model_path(m.name_or_path, "model.name_or_path")
-    try:
-        tok = models.load_tokenizer(m.name_or_path)
+    if m.name_or_path.lower().endswith(".gguf"):
+        tok, model = models.load_gguf(m.name_or_path)
+    else:
+        try:
+            tok = models.load_tokenizer(m.name_or_path)
+        except (OSError, ValueError) as e:
+            raise config.ConfigError(f"model.name_or_path: could not load a tokenizer from {m.name_or_path!r} "
+                                     f"({str(e).splitlines()[0]})") from None
         model = models.load_causal_lm(m.name_or_path, "cpu")
-    except OSError as e:
-        raise config.ConfigError(f"model.name_or_path: could not load {m.name_or_path!r} from a local directory "
-                                 f"or the Hugging Face cache ({str(e).splitlines()[0]})") from None
+    if m.chat_template:
+        path = Path(m.chat_template).expanduser()
+        tok.chat_template = path.read_text() if path.is_file() else m.chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     return tok, model, m.name_or_path
+
+
+def save_dtype(cfg: config.Params) -> torch.dtype:
+    """model.dtype, auto = float32 for the embedded model (its measured bars are fp32), bfloat16 otherwise."""
+    if cfg.model.dtype == "auto":
+        return torch.float32 if cfg.model.name_or_path == "embedded" else torch.bfloat16
+    return models.DTYPES[cfg.model.dtype]
+
+
+def check_chat_template(tok, sets: dict[str, list[dict]], name_or_path: str) -> None:
+    """Conversational data needs a chat template; say what to set when the model has none."""
+    chat = any(not isinstance(rows[0]["prompt"], str) for rows in sets.values())
+    if chat and not tok.chat_template:
+        raise config.ConfigError(f"model.name_or_path: {name_or_path} has no chat template, but the data is "
+                                 "conversational; set model.chat_template to a Jinja template (or a file holding "
+                                 "one), or give plain-text prompt/completion data")
 
 
 def check_lengths(sets: dict[str, list[dict]], max_positions: int | None) -> None:
@@ -69,9 +97,17 @@ def main(argv=None) -> str:
     p = stage.parser(__doc__, "--data-out", "--model-out")
     args = p.parse_args(argv)
     cfg = config.load(args.params)
+    d = cfg.data
     sets = load_sets(cfg)
     tok, model, what = build_model(cfg)
-    sets = {name: data.tokenize(tok, rows, KINDS[name]) for name, rows in sets.items()}
+    check_chat_template(tok, sets, cfg.model.name_or_path)
+    stop = models.generation_stop_ids(tok, getattr(model.generation_config, "eos_token_id", None))
+    truncated = {"prompts": 0, "completions": 0}
+    for name, rows in sets.items():
+        rows = data.tokenize(tok, rows, KINDS[name], stop)
+        sets[name], counts = data.limit_lengths(rows, KINDS[name], d.max_prompt_length, d.max_completion_length,
+                                                d.overlong, f"data.{name}")
+        truncated = {k: truncated[k] + counts[k] for k in truncated}
     check_lengths(sets, getattr(model.config, "max_position_embeddings", None))
 
     with tracking.stage_run("prepare", params={"seed": cfg.seed, **cfg.model_dump(include={"model", "data"})}) as tr:
@@ -79,12 +115,16 @@ def main(argv=None) -> str:
             for name, rows in sets.items():
                 io.write_jsonl(tmp / f"{name}.jsonl", rows)
         with io.atomic_dir(args.model_out) as tmp:
-            tok.save_pretrained(tmp)
-            model.save_pretrained(tmp)
+            models.save(model, tok, tmp, save_dtype(cfg))
         counts = {f"data/n_{k}": len(v) for k, v in sets.items()}
-        tr.log_metrics({**counts, "model/n_params": models.n_params(model)})
+        tr.log_metrics({**counts, "model/n_params": models.n_params(model),
+                        "data/truncated_prompts": truncated["prompts"],
+                        "data/truncated_completions": truncated["completions"]})
     sizes = ", ".join(f"{k} {len(v)}" for k, v in sets.items())
-    return f"prepare: {what} ({models.n_params(model) / 1e6:.2f}M params, vocab {len(tok)}); rows: {sizes}"
+    cut = f"; truncated {truncated['prompts']} prompts, {truncated['completions']} completions" if any(
+        truncated.values()) else ""
+    return (f"prepare: {what} ({models.n_params(model) / 1e6:.2f}M params, vocab {len(tok)}, saved as "
+            f"{str(save_dtype(cfg)).removeprefix('torch.')}); rows: {sizes}{cut}")
 
 
 if __name__ == "__main__":

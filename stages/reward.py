@@ -36,7 +36,7 @@ def main(argv=None) -> str:
     cfg = config.load(args.params)
     c = cfg.reward
     init = {"sft": args.sft, "base": args.base}[c.init_from]
-    device = models.setup_torch(cfg.seed)
+    device = models.setup_torch(cfg.seed, init)
     t0 = time.perf_counter()
 
     pref_file = args.pairs
@@ -87,7 +87,7 @@ def main(argv=None) -> str:
             "reward/n_heldout": len(heldout), "train/skipped_steps": guard.skipped,
             "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device),
         }
-        stage.write_trained(rm, tok, args.out, args.metrics, metrics, args.plots, log.rows, tr, c.steps)
+        stage.write_trained(rm, tok, args.out, args.metrics, metrics, args.plots, log.rows, tr, c.steps, init)
     ckpt.clear()
     return (f"reward: {c.steps} steps on {len(train_pairs)} pairs, held-out accuracy {accuracy:.3f} "
             f"({len(heldout)} pairs) → {args.out}")

@@ -21,7 +21,7 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     cfg = config.load(args.params)
     c = cfg.sft
-    device = models.setup_torch(cfg.seed)
+    device = models.setup_torch(cfg.seed, args.base)
     t0 = time.perf_counter()
 
     sft_file = args.train
@@ -50,7 +50,8 @@ def main(argv=None) -> str:
             grad_norm = guard(loss, lr)
             metrics = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm}
             if step + 1 in probe_at:
-                metrics["probe/accuracy"] = evaluation.probe_accuracy(model, tok, probe, probe_len, c.batch_size)
+                metrics["probe/accuracy"] = evaluation.probe_accuracy(model, tok, probe, probe_len, c.batch_size,
+                                                                          cfg.verifier)
             log.step(step + 1, metrics, tokens=int(batch.attention_mask.sum()))
             ckpt.maybe_save(step + 1, c.checkpoint_every, c.steps, model, opt, log.rows)
         log.close()
@@ -60,7 +61,7 @@ def main(argv=None) -> str:
             "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device),
             "cost/models_in_memory": 1, "cost/tokens_generated": 0,
         }
-        stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, log.rows, tr, c.steps)
+        stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, log.rows, tr, c.steps, args.base)
     ckpt.clear()
     return (f"sft: {c.steps} steps on {len(examples)} examples, final loss {metrics['train/loss']:.4f}, "
             f"probe accuracy {metrics.get('probe/accuracy', float('nan')):.3f}, "

@@ -23,12 +23,16 @@ BUILT_IN = {
     "verifier": config.RewardWeights(reward_model=0.0, verifier=1.0),
     "format": config.RewardWeights(reward_model=0.0, format=1.0),
     "verifier + format": config.RewardWeights(reward_model=0.0, verifier=1.0, format=0.5),
+    "think format": config.RewardWeights(reward_model=0.0, think_format=1.0),
 }
 
 
 def score(weights, text, truncated, answer=ANSWER):
+    """The mix of the built-in text rewards of one completion, as score_completions weighs them."""
     fmt = rewards.format_ok(text, truncated, weights.format_pattern)
-    return rewards.mix(weights, None, [rewards.verify(text, answer)], [fmt])
+    values = {"verifier": [rewards.verify(text, answer)], "format": [fmt],
+              "think_format": rewards.think_format_reward([text], [truncated])}
+    return rewards.mix([(w, values[name]) for name, w, _ in rewards.reward_functions(weights)])
 
 
 @pytest.mark.parametrize("reward", list(BUILT_IN))
@@ -48,7 +52,7 @@ def test_the_right_answer_wins_and_an_empty_reference_is_no_free_pass():
 def test_a_verifier_that_cannot_run_is_no_reward_not_zero():
     w = BUILT_IN["verifier"]
     assert rewards.verify("64", None) is None
-    total = rewards.mix(w, None, [1.0, None, 0.0], [1.0, 1.0, 1.0])
+    total = rewards.mix([(w.verifier, [1.0, None, 0.0])])
     assert total[0] == 1.0 and math.isnan(total[1]) and total[2] == 0.0
 
 
@@ -57,7 +61,47 @@ def test_score_completions_counts_the_unscored(tok):
 
     texts = ["64", "65", "1"]
     seqs = data.collate([[1, 2]] * 3, [[5, tok.eos_token_id]] * 3, tok.pad_token_id)
-    s = rewards.score_completions(BUILT_IN["verifier + format"], texts, [False, False, False], ["64", "64", None],
-                                  rm=None, seqs=seqs, batch_size=8)
+    s = rewards.score_completions(BUILT_IN["verifier + format"], texts, [False, False, False],
+                                  {"answer": ["64", "64", None]}, rm=None, seqs=seqs, batch_size=8)
     assert s.verifier == [1.0, 0.0, None] and s.format == [1.0, 1.0, 1.0] and s.reward_model is None
     assert s.total[:2].tolist() == [1.5, 0.5] and torch.isnan(s.total[2]) and s.n_unscored == 1
+
+
+def test_think_format_reward():
+    ok = "<think>4 + 6 = 10, carry 1</think> The answer is 64."
+    bad = ["<think></think> 64", "<think>x</think>", "64 <think>x</think>", "<think>a</think><think>b</think> 64",
+           "<think>x 64"]
+    assert rewards.think_format_reward([ok, *bad], [False] * 6) == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert rewards.think_format_reward([ok], [True]) == [0.0]  # never ended: no format credit
+
+
+def length_penalty(completions, answer, **kwargs):
+    """A user's reward function in TRL's interface (used by the next test through its module:function name)."""
+    return [None if a is None else -len(c) / 10 for c, a in zip(completions, answer)]
+
+
+def returns_nothing(completions, **kwargs):
+    return None
+
+
+def test_a_user_reward_function_by_module_and_name(tok):
+    from stages.core import data
+
+    w = config.RewardWeights(reward_model=0.0, verifier=1.0, functions={"tests.test_rewards:length_penalty": 1.0})
+    seqs = data.collate([[1, 2]] * 3, [[5, tok.eos_token_id]] * 3, tok.pad_token_id)
+    s = rewards.score_completions(w, ["64", "6400", "64"], [False] * 3, {"answer": ["64", "64", None]}, None, seqs, 8)
+    assert s.total[:2].tolist() == pytest.approx([1.0 - 0.2, 0.0 - 0.4]) and torch.isnan(s.total[2])
+    assert s.parts["tests.test_rewards:length_penalty"][2] is None
+
+
+def test_bad_reward_functions_are_one_line_errors(tok):
+    from stages.core import data
+
+    with pytest.raises(ValueError, match="not `module:function`"):
+        config.RewardWeights(functions={"no_colon": 1.0})
+    seqs = data.collate([[1, 2]], [[5, tok.eos_token_id]], tok.pad_token_id)
+    for name, match in (("tests.nope:f", "cannot import"), ("tests.test_rewards:ANSWER", "not callable"),
+                        ("tests.test_rewards:returns_nothing", "returned NoneType")):
+        w = config.RewardWeights(reward_model=0.0, functions={name: 1.0})
+        with pytest.raises(config.ConfigError, match=match):
+            rewards.score_completions(w, ["64"], [False], {"answer": ["64"]}, None, seqs, 8)

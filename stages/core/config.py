@@ -42,12 +42,24 @@ class EmbeddedModel(Section):
 
 class ModelConfig(Section):
     name_or_path: str = "embedded"
-    """`embedded` (tiny Llama built from a config, no network), a local model directory, or a hub id
-    already in the local Hugging Face cache (e.g. Qwen/Qwen2.5-0.5B-Instruct)."""
+    """`embedded` (tiny Llama built from a config, no network), a local model directory, a hub id
+    already in the local Hugging Face cache (e.g. Qwen/Qwen2.5-0.5B-Instruct), or a local `.gguf` file
+    (dequantized and converted once to a normal checkpoint by prepare; needs the `gguf` package)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Dtype every stage saves its model in (each stage keeps its input's): auto = bfloat16 for a
+    pretrained model (half the disk; bf16 autocast where the machine has fast bf16), float32 for the
+    embedded one. Training always holds float32 master weights."""
+    chat_template: str = ""
+    """A Jinja chat template (or a file holding one) for a model whose tokenizer has none; empty: the
+    model's own. Conversational data needs one."""
     embedded: EmbeddedModel = EmbeddedModel()
 
 
 class EmbeddedData(Section):
+    task: Literal["reversed_addition", "chat_arithmetic"] = "reversed_addition"
+    """reversed_addition: `12+34=` → `64` for the tiny model trained from scratch; chat_arithmetic:
+    natural-language sums and word problems ("What is 47 + 38?") answered in a sentence, for a
+    pretrained chat model (use with verifier.extract: auto)."""
     max_operand: int = Field(50, ge=2, le=1000)
     """Problems are a+b with 0 <= a, b < max_operand."""
     n_sft: int = Field(20000, ge=1)
@@ -80,7 +92,27 @@ class DataConfig(Section):
     """Held-out prompts: prompt/answer."""
     answer_column: str = "answer"
     """Column holding the reference answer the verifier checks against."""
+    max_prompt_length: int = Field(512, ge=1)
+    """Longest prompt in tokens (TRL's DPO default 512). A longer one keeps its LAST tokens (the question
+    and the generation prompt sit at the end), or is an error with `overlong: error`."""
+    max_completion_length: int = Field(512, ge=1)
+    """Longest SFT/preference completion in tokens. A longer one keeps its FIRST tokens and so loses
+    its end-of-turn token (it trains as a reply that did not end), or is an error with `overlong: error`."""
+    overlong: Literal["truncate", "error"] = "truncate"
+    """What prepare does with a row over a limit: truncate it (counted in metrics, data/truncated_*) or
+    stop with an error naming the file and row."""
     embedded: EmbeddedData = EmbeddedData()
+
+
+class VerifierConfig(Section):
+    """How a reply is checked against the reference answer (every stage that checks answers)."""
+
+    extract: Literal["whole", "auto"] = "whole"
+    """whole: the whole reply is the answer (the embedded reversed-digit task); auto: `<answer>…</answer>`,
+    then `\\boxed{…}`, then a final `#### …` line, then the last number; replies that state several
+    different answers score 0 (stages/core/answers.py)."""
+    compare: Literal["math", "exact"] = "exact"
+    """math: math-verify equivalence (85 = 85.0, 1/2 = 0.5); exact: string equality."""
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -145,10 +177,26 @@ class RewardWeights(Section):
     """Weight of the format reward (1 if the completion ended by EOS and fully matches format_pattern)."""
     format_pattern: str = r"\d{1,3}"
     """Regular expression a well-formed completion matches (the embedded task: 1 to 3 digits)."""
+    think_format: float = Field(0.0, ge=0.0)
+    """Weight of the reasoning-format reward: 1 if the reply is `<think>…</think>` then a non-empty answer."""
+    functions: dict[str, float] = {}
+    """Your own rewards, `module:function` → weight, TRL's interface: the function takes `completions`
+    (texts) and keyword arguments (`prompts`, `completion_ids`, `truncated` and the dataset's columns,
+    e.g. `answer`) and returns one float, or None (no reward), per completion."""
+
+    @field_validator("functions")
+    @classmethod
+    def _importable_names(cls, functions: dict[str, float]) -> dict[str, float]:
+        for name, weight in functions.items():
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name):
+                raise ValueError(f"{name!r} is not `module:function`")
+            if weight < 0:
+                raise ValueError(f"{name}: weight must be >= 0")
+        return functions
 
     @model_validator(mode="after")
     def _some_weight(self):
-        if self.reward_model == 0 and self.verifier == 0 and self.format == 0:
+        if not any((self.reward_model, self.verifier, self.format, self.think_format, *self.functions.values())):
             raise ValueError("at least one reward weight must be > 0")
         return self
 
@@ -166,6 +214,11 @@ class PairsConfig(Section):
     """Sequences per generation / scoring batch."""
     score: RewardWeights = RewardWeights(reward_model=1.0, verifier=1.0)
     """How completions are ranked: chosen = best, rejected = worst; equal best and worst is a tie (dropped)."""
+    truncated: Literal["drop", "penalize"] = "drop"
+    """A completion that never ended (no end-of-turn token within max_new_tokens) is never chosen: drop
+    it from its group, or keep it as a rejected candidate with its score lowered by truncated_penalty."""
+    truncated_penalty: float = Field(1.0, ge=0.0)
+    """Subtracted from a truncated completion's score when truncated: penalize."""
 
 
 # ---------------------------------------------------------------------------------------------- align
@@ -231,9 +284,14 @@ class OnlineConfig(PolicyConfig):
     """The reward: reward model, verifier, format, or a weighted mix."""
     gen_batch_size: int = Field(256, ge=1)
     """Sequences per generation / scoring forward."""
+    no_signal_steps: int = Field(3, ge=0)
+    """Stop with an error when every reward of the first this-many steps is the same value (nothing to
+    learn from: a wrong answer column, answer format or verifier); 0: never."""
 
 
 class GRPOConfig(OnlineConfig):
+    num_generations: int = Field(8, ge=2)
+    """Completions per prompt; the group advantage needs at least 2 (DeepSeekMath 64; TRL 8)."""
     beta: float = Field(0.04, ge=0.0)
     """k3 KL-to-reference coefficient (DeepSeekMath 0.04; TRL 0.0 = no reference model held)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
@@ -337,6 +395,7 @@ class Params(Section):
     pairs: PairsConfig = PairsConfig()
     align: AlignConfig = AlignConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    verifier: VerifierConfig = VerifierConfig()
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -90,8 +90,11 @@ def normalize(rows: list[dict], kind: str, source: str, answer_column: str = "an
         if kind == "preference" and _text(row["chosen"]) == _text(row["rejected"]):
             raise ConfigError(f"{where}: chosen equals rejected")
         keep = {c: row[c] for c in KIND_COLUMNS[kind]}
-        if kind == "prompts" and row.get(answer_column) is not None:
-            keep["answer"] = str(row[answer_column])
+        if kind == "prompts":  # the other plain columns stay for reward functions (TRL passes them on)
+            keep.update({k: v for k, v in row.items() if k not in keep and k not in (answer_column, "answer")
+                         and isinstance(v, (str, int, float, bool))})
+            if row.get(answer_column) is not None:
+                keep["answer"] = str(row[answer_column])
         out.append(keep)
     return out
 
@@ -158,8 +161,16 @@ def encode_prompts(tokenizer, prompts: list[str | list[dict]]) -> list[list[int]
 
 
 def encode_completions(tokenizer, prompts: list[str | list[dict]], completions: list[str | list[dict]],
-                       prompt_ids: list[list[int]]) -> list[list[int]]:
-    """Tokens of each completion after its prompt, ending with the turn's end (EOS for standard text)."""
+                       prompt_ids: list[list[int]], stop_ids: list[int] | None = None) -> list[list[int]]:
+    """Tokens of each completion after its prompt, ending with the turn's end-of-turn token.
+
+    A conversational completion is the chat rendering of prompt+completion minus the prompt, cut just
+    after its first stop token: a template may append more after the end of the turn (ChatML's "\n"
+    after <|im_end|>), which the sampler never produces, since it stops at the stop token. Training
+    (SFT, the reward model, DPO) and generation therefore see a completion end at the same token.
+    A standard (plain-text) completion gets EOS appended.
+    """
+    stop = set(stop_ids or [tokenizer.eos_token_id])
     out: list[list[int] | None] = [None] * len(prompts)
     chat = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     plain = [i for i, p in enumerate(prompts) if isinstance(p, str)]
@@ -167,22 +178,60 @@ def encode_completions(tokenizer, prompts: list[str | list[dict]], completions: 
     for i, ids in zip(chat, full):
         if ids[:len(prompt_ids[i])] != prompt_ids[i]:
             raise ConfigError("the chat template does not render prompt+completion as an extension of the prompt")
-        out[i] = ids[len(prompt_ids[i]):]
+        out[i] = cut_after_stop(ids[len(prompt_ids[i]):], stop)
     texts = [_text(completions[i]) for i in plain]
     for i, ids in zip(plain, _encode(tokenizer, texts, False)):
         out[i] = ids + [tokenizer.eos_token_id]
     return out
 
 
-def tokenize(tokenizer, rows: list[dict], kind: str) -> list[dict]:
+def cut_after_stop(ids: list[int], stop: set[int]) -> list[int]:
+    """ids up to and including the first stop token (all of them when there is none)."""
+    for j, t in enumerate(ids):
+        if t in stop:
+            return ids[:j + 1]
+    return ids
+
+
+def tokenize(tokenizer, rows: list[dict], kind: str, stop_ids: list[int] | None = None) -> list[dict]:
     """Add token ids to normalized rows: prompt_ids, and <column>_ids for each completion column."""
     prompts = [r["prompt"] for r in rows]
     p_ids = encode_prompts(tokenizer, prompts)
     out = [{**r, "prompt_ids": ids} for r, ids in zip(rows, p_ids)]
     for col in KIND_COLUMNS[kind][1:]:
-        for r, ids in zip(out, encode_completions(tokenizer, prompts, [r[col] for r in rows], p_ids)):
+        for r, ids in zip(out, encode_completions(tokenizer, prompts, [r[col] for r in rows], p_ids, stop_ids)):
             r[f"{col}_ids"] = ids
     return out
+
+
+def limit_lengths(rows: list[dict], kind: str, max_prompt: int, max_completion: int, overlong: str,
+                  source: str) -> tuple[list[dict], dict]:
+    """Apply data.max_prompt_length / max_completion_length to tokenized rows → (rows, counts).
+
+    A prompt over the limit keeps its last `max_prompt` tokens (the question and the generation prompt
+    are at its end; TRL's keep_end); a completion keeps its first `max_completion` tokens (it then has
+    no end-of-turn token). With overlong = "error" the first over-long row is a one-line error.
+    """
+    counts = {"prompts": 0, "completions": 0}
+    out = []
+    for i, row in enumerate(rows, start=1):
+        row = dict(row)
+        if len(row["prompt_ids"]) > max_prompt:
+            if overlong == "error":
+                raise ConfigError(f"{source}: row {i}: the prompt is {len(row['prompt_ids'])} tokens, more than "
+                                  f"data.max_prompt_length {max_prompt} (or set data.overlong: truncate)")
+            row["prompt_ids"] = row["prompt_ids"][-max_prompt:]
+            counts["prompts"] += 1
+        for col in KIND_COLUMNS[kind][1:]:
+            ids = row[f"{col}_ids"]
+            if len(ids) > max_completion:
+                if overlong == "error":
+                    raise ConfigError(f"{source}: row {i}: {col} is {len(ids)} tokens, more than "
+                                      f"data.max_completion_length {max_completion} (or set data.overlong: truncate)")
+                row[f"{col}_ids"] = ids[:max_completion]
+                counts["completions"] += 1
+        out.append(row)
+    return out, counts
 
 
 def decode_completion(tokenizer, ids: list[int]) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import data, rewards, rollout
+from . import data, models, rewards, rollout
 from .logprobs import Sequences, completion_logits
 
 
@@ -30,7 +30,7 @@ def generate(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, batch
              temperature: float = 0.0, n: int = 1, generator: torch.Generator | None = None) -> Answers:
     """Sample (or, at temperature 0, greedily decode) completions and decode them to text."""
     device = next(model.parameters()).device
-    r = rollout.sample(model, prompt_ids, n, max_new_tokens, temperature, tok.eos_token_id, tok.pad_token_id,
+    r = rollout.sample(model, prompt_ids, n, max_new_tokens, temperature, models.stop_ids(tok), tok.pad_token_id,
                        batch_size, generator, device)
     return Answers(r, decode(tok, r.seqs))
 
@@ -40,9 +40,11 @@ def decode(tok, seqs: Sequences) -> list[str]:
     return [data.decode_completion(tok, row[m.bool()].tolist()) for row, m in zip(ids, mask)]
 
 
-def verifier_scores(texts: list[str], answers: list[str | None], n: int = 1) -> list[float | None]:
-    """Verifier result of each completion; completion i belongs to prompt i // n."""
-    return [rewards.verify(t, answers[i // n]) for i, t in enumerate(texts)]
+def verifier_scores(texts: list[str], answers: list[str | None], verifier=None, n: int = 1) -> list[float | None]:
+    """Verifier result of each completion (verifier: config.VerifierConfig, None = exact whole reply);
+    completion i belongs to prompt i // n."""
+    extract, compare = getattr(verifier, "extract", "whole"), getattr(verifier, "compare", "exact")
+    return [rewards.verify(t, answers[i // n], extract, compare) for i, t in enumerate(texts)]
 
 
 def accuracy(scores: list[float | None]) -> float | None:
@@ -52,12 +54,13 @@ def accuracy(scores: list[float | None]) -> float | None:
 
 
 @torch.no_grad()
-def probe_accuracy(model, tok, probe_rows: list[dict], max_new_tokens: int, batch_size: int) -> float | None:
+def probe_accuracy(model, tok, probe_rows: list[dict], max_new_tokens: int, batch_size: int,
+                   verifier=None) -> float | None:
     """Greedy verifier accuracy on a fixed probe set (rows with prompt_ids and answer)."""
     if not probe_rows:
         return None
     ans = generate(model, tok, [r["prompt_ids"] for r in probe_rows], max_new_tokens, batch_size)
-    return accuracy(verifier_scores(ans.texts, [r.get("answer") for r in probe_rows]))
+    return accuracy(verifier_scores(ans.texts, [r.get("answer") for r in probe_rows], verifier))
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ loading path that the tests exercise is the one a hub model takes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -70,32 +71,114 @@ def n_params(model) -> int:
 # ---------------------------------------------------------------------------------------------- loading
 
 def check_model_path(name_or_path: str, field: str) -> None:
-    """A local directory must hold a saved model; anything path-like that is missing is an error here,
-    before any work. A hub id (`org/name`) is left to the loader, which reads the local HF cache."""
+    """A local directory must hold a saved model, a local file must be a .gguf; anything path-like that
+    is missing is an error here, before any work. A hub id (`org/name`) is left to the loader, which
+    reads the local HF cache."""
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ConfigError(f"{field}: {name_or_path!r} is a directory without config.json (not a saved model)")
         return
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ConfigError(f"{field}: {name_or_path!r} is a file; give a model directory, a hub id or a .gguf file")
+        return
     hub_id = not name_or_path.startswith((".", "/", "~")) and name_or_path.count("/") <= 1
-    if p.exists() or not hub_id:
+    if not hub_id or p.suffix.lower() == ".gguf":
         raise ConfigError(f"{field}: model path {name_or_path!r} does not exist")
 
 
+def load_gguf(path: str | Path):
+    """(tokenizer, float32 causal LM) from a GGUF file, ready for save_pretrained.
+
+    transformers dequantizes GGUF weights to float on load (needs the `gguf` package) but refuses to
+    save a model loaded that way ("not serializable"), so the architecture is rebuilt from its config
+    without the quantization entry and the dequantized weights are loaded into it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path = Path(path).expanduser()
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ConfigError(f"model.name_or_path: {path} is not a GGUF file (no GGUF magic bytes)")
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise ConfigError("model.name_or_path: reading a .gguf file needs the `gguf` package") from None
+    kw = {"gguf_file": path.name}
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, **kw)
+        quantized = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    except Exception as e:  # gguf/transformers raise many types for a damaged or unsupported file
+        raise ConfigError(f"model.name_or_path: could not read {path} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = GenerationConfig.from_model_config(config)
+    model.config.name_or_path = model.name_or_path = path.name
+    return tok, model
+
+
 def load_tokenizer(path: str):
+    """The tokenizer of a saved model, padded on the left (pad = EOS where it has no pad token), with
+    `stop_token_ids`: every token that ends a completion (see stop_ids)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:  # many causal LMs ship without one; EOS is the usual stand-in
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
+    tok.stop_token_ids = saved_stop_ids(path, tok)
     return tok
 
 
+def generation_stop_ids(tok, listed=None) -> list[int]:
+    """The tokenizer's EOS plus every `eos_token_id` a generation config lists (`listed`: an id, a
+    list or None): a chat model may end a turn with a token that is not its tokenizer's EOS."""
+    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    ids += listed if isinstance(listed, list) else [listed] if listed is not None else []
+    return list(dict.fromkeys(ids))
+
+
+def saved_stop_ids(path: str | Path, tok) -> list[int]:
+    """generation_stop_ids of a saved model (its generation_config.json, when it has one)."""
+    gen = Path(path) / "generation_config.json"
+    return generation_stop_ids(tok, json.loads(gen.read_text()).get("eos_token_id") if gen.exists() else None)
+
+
+def stop_ids(tok) -> list[int]:
+    """Tokens that end a completion: those load_tokenizer found, else the tokenizer's EOS."""
+    return list(getattr(tok, "stop_token_ids", None) or [tok.eos_token_id])
+
+
+def stored_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a saved model's weights are stored in (config.json), float32 when it says none."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def save(model, tok, out: str | Path, dtype: torch.dtype) -> None:
+    """save_pretrained of the model in `dtype` (the dtype its input was stored in) and its tokenizer."""
+    model.to(dtype).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 def load_causal_lm(path: str, device: torch.device, trainable: bool = True):
+    """A causal LM in float32 whatever its stored dtype (bf16 autocast, where on, is per operation)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    except (OSError, ValueError, RuntimeError) as e:  # a truncated or corrupt weights file, a bad config
+        raise ConfigError(f"{path}: could not load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)
@@ -137,7 +220,28 @@ def pick_device() -> torch.device:
     return torch.device(want)
 
 
-def setup_torch(seed: int) -> torch.device:
+_CPU_BF16 = False
+"""bf16 autocast on the CPU for this process (set by setup_torch from the model's stored dtype)."""
+
+
+def cpu_has_fast_bf16() -> bool:
+    """A CPU with native bf16 matrix units (AMX or AVX512-BF16), where bf16 autocast beats fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def setup_torch(seed: int, model_dir: str | Path | None = None) -> torch.device:
+    """Seed, thread count, denormals and precision for a stage whose model is `model_dir`.
+
+    Precision follows the model, not a param: a model stored in bf16 (real models, by default) trains
+    and samples under bf16 autocast on CUDA and on a CPU with native bf16 units (1.66x the fp32
+    fwd+bwd tokens/s of SmolLM2-135M on a 2-core AMX machine); a float32 model (the embedded tiny
+    one) runs in fp32 on the CPU. ALIGNPIPE_AUTOCAST=off|bf16 overrides the CPU choice.
+    """
+    global _CPU_BF16
     torch.manual_seed(seed)
     # Subnormal floats take a slow path on x86 CPUs: late in training, when some activations or
     # optimizer moments get tiny, steps slowed down 10x here. Flushing them to zero costs nothing.
@@ -145,14 +249,25 @@ def setup_torch(seed: int) -> torch.device:
     threads = int(os.environ.get("ALIGNPIPE_THREADS", "0"))
     if threads:
         torch.set_num_threads(threads)
+    want = os.environ.get("ALIGNPIPE_AUTOCAST", "auto")
+    bf16_model = model_dir is not None and stored_dtype(model_dir) == torch.bfloat16
+    _CPU_BF16 = want == "bf16" or (want == "auto" and bf16_model and cpu_has_fast_bf16())
     return pick_device()
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on the CPU (CPU bf16 is slower than fp32 on most machines)."""
+    """bf16 autocast on CUDA, and on the CPU when setup_torch chose it; plain fp32 otherwise."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if _CPU_BF16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def exact(device: torch.device) -> bool:
+    """True where this process computes in plain fp32: log-probs of the same weights agree to ~1e-6,
+    so a gap between two computations of them is an error, not rounding."""
+    return device.type == "cpu" and not _CPU_BF16
 
 
 def peak_mem_mb(device: torch.device) -> float:

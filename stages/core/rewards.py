@@ -1,4 +1,9 @@
-"""Rewards: the verifier, a format reward, the reward model's score, and their weighted mix.
+"""Rewards: reward functions in TRL's interface, the reward model's score, and their weighted mix.
+
+A reward function takes the completions' texts and keyword arguments (`prompts`, `completion_ids`,
+`truncated`, and the prompt set's columns such as `answer`) and returns one float, or None, per
+completion. The built-in ones are such functions (verifier, format, think_format, reward_model) and a
+user's own are named `module:function` in a reward section's `functions`.
 
 A reward that cannot be computed for a row (no reference answer, a verifier that failed) is None →
 NaN in tensors: the row is excluded and counted, never silently scored 0.
@@ -6,23 +11,28 @@ NaN in tensors: the row is excluded and counted, never silently scored 0.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from . import answers
+from .config import ConfigError
 from .logprobs import Sequences, position_ids
 
 
-def verify(completion: str, answer: str | None) -> float | None:
-    """1.0 if the completion is exactly the reference answer (whitespace-trimmed), else 0.0; None
-    when there is no reference answer to check against."""
-    if answer is None:
-        return None
-    if not completion.strip():  # an empty answer never checks, whatever the reference says
-        return 0.0
-    return 1.0 if completion.strip() == str(answer).strip() else 0.0
+def verify(completion: str, answer: str | None, extract: str = "whole", compare: str = "exact") -> float | None:
+    """1.0 if the reply states the reference answer, else 0.0; None when there is no reference.
+    extract/compare: verifier.extract and verifier.compare (stages/core/answers.py)."""
+    return answers.check(completion, answer, extract, compare)
+
+
+def verifier_reward(completions: list[str], answer: list[str | None], extract: str = "whole",
+                    compare: str = "exact", **_) -> list[float | None]:
+    """The verifier as a reward function: 1 right, 0 wrong or no answer stated, None no reference."""
+    return [verify(c, a, extract, compare) for c, a in zip(completions, answer)]
 
 
 def format_ok(completion: str, truncated: bool, pattern: str) -> float:
@@ -30,6 +40,43 @@ def format_ok(completion: str, truncated: bool, pattern: str) -> float:
     if truncated:
         return 0.0
     return 1.0 if re.fullmatch(pattern, completion.strip()) else 0.0
+
+
+def format_reward(completions: list[str], truncated: list[bool], pattern: str = r"\d{1,3}", **_) -> list[float]:
+    """The format reward as a reward function (format_ok of each completion)."""
+    return [format_ok(c, t, pattern) for c, t in zip(completions, truncated)]
+
+
+THINK = re.compile(r"<think>(?:(?!</?think>).)+</think>\s*(?:(?!</?think>).)*\S(?:(?!</?think>).)*", re.DOTALL)
+
+
+def think_format_reward(completions: list[str], truncated: list[bool], **_) -> list[float]:
+    """1.0 for a reply that ended and is one non-empty `<think>…</think>` block followed by a non-empty
+    answer (DeepSeek-R1's format; open-r1's format reward), else 0.0."""
+    return [0.0 if t else 1.0 if THINK.fullmatch(c.strip()) else 0.0 for c, t in zip(completions, truncated)]
+
+
+def reward_model_reward(completions: list[str], reward_model=None, sequences: Sequences | None = None,
+                        batch_size: int = 64, **_) -> list[float]:
+    """The reward model's standardized score of each completion (scored as token sequences, not text)."""
+    return reward_model_scores(reward_model, sequences, batch_size).tolist()
+
+
+BUILT_IN = {"reward_model": reward_model_reward, "verifier": verifier_reward, "format": format_reward,
+            "think_format": think_format_reward}
+"""A reward section's built-in weights → their reward functions."""
+
+
+def load_function(name: str, field: str = "functions"):
+    """The callable a `module:function` name points to; a one-line error when it cannot be imported."""
+    module, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{field}: cannot import {name!r} ({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise ConfigError(f"{field}: {name!r} is not callable")
+    return fn
 
 
 def score_sequences(rm, seqs: Sequences) -> torch.Tensor:
@@ -60,20 +107,14 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask * idx).argmax(-1)
 
 
-def mix(weights, rm: torch.Tensor | None, verifier: list[float | None] | None,
-        fmt: list[float] | None) -> torch.Tensor:
-    """Weighted sum of the rewards whose weight is > 0.  → [N], NaN where a needed part is missing.
-
-    weights: config.RewardWeights; rm [N] or None; verifier, fmt: per-row lists or None.
-    """
-    parts = []
-    if weights.reward_model > 0:
-        parts.append(weights.reward_model * rm.float().cpu())
-    if weights.verifier > 0:
-        parts.append(weights.verifier * torch.tensor([math.nan if v is None else v for v in verifier]))
-    if weights.format > 0:
-        parts.append(weights.format * torch.tensor(fmt, dtype=torch.float32))
-    return torch.stack(parts).sum(0)
+def mix(parts: list[tuple[float, list[float | None] | torch.Tensor]]) -> torch.Tensor:
+    """Weighted sum of (weight, per-completion values) parts.  → [N], NaN where any part is None/NaN."""
+    total = None
+    for weight, values in parts:
+        v = values.float().cpu() if isinstance(values, torch.Tensor) else torch.tensor(
+            [math.nan if x is None else float(x) for x in values], dtype=torch.float32)
+        total = weight * v if total is None else total + weight * v
+    return total
 
 
 @dataclass
@@ -84,23 +125,75 @@ class Scores:
     verifier:      per completion 1.0 / 0.0 / None (no reference answer)
     format:        per completion 1.0 / 0.0
     reward_model:  [N] standardized scores, or None when the mix does not use the reward model
+    parts:         every reward function's values that entered the mix, by name
     """
 
     total: torch.Tensor
     verifier: list[float | None]
     format: list[float]
     reward_model: torch.Tensor | None
+    parts: dict[str, list] = field(default_factory=dict)
 
     @property
     def n_unscored(self) -> int:
         return int(torch.isnan(self.total).sum())
 
 
-def score_completions(weights, texts: list[str], truncated: list[bool], answers: list[str | None], rm,
-                      seqs: Sequences, batch_size: int) -> Scores:
-    """Every built-in reward of each completion and their mix. answers[i] is completion i's reference
-    (None: the verifier cannot check it). The reward model runs only if its weight is > 0."""
-    verifier = [verify(t, a) for t, a in zip(texts, answers)]
-    fmt = [format_ok(t, tr, weights.format_pattern) for t, tr in zip(texts, truncated)]
-    rm_scores = reward_model_scores(rm, seqs, batch_size) if weights.reward_model > 0 else None
-    return Scores(mix(weights, rm_scores, verifier, fmt), verifier, fmt, rm_scores)
+def reward_functions(weights) -> list[tuple[str, float, object]]:
+    """(name, weight, function) of every reward with a weight > 0 in a config.RewardWeights."""
+    out = [(name, getattr(weights, name), fn) for name, fn in BUILT_IN.items() if getattr(weights, name) > 0]
+    out += [(name, w, load_function(name, "reward.functions")) for name, w in weights.functions.items() if w > 0]
+    return out
+
+
+def group_columns(rows: list[dict], k: int) -> dict[str, list]:
+    """The prompt rows' columns, repeated for each of their k completions (completion i is row i // k):
+    `prompts`, `answer` (None where a row has none) and every other column but the token ids."""
+    n = len(rows) * k
+    keys = [key for key in rows[0] if key not in ("prompt", "prompt_ids", "answer")] if rows else []
+    out = {"prompts": [rows[i // k]["prompt"] for i in range(n)],
+           "answer": [rows[i // k].get("answer") for i in range(n)]}
+    return {**out, **{key: [rows[i // k].get(key) for i in range(n)] for key in keys}}
+
+
+def score_completions(weights, texts: list[str], truncated: list[bool], columns: dict[str, list], rm,
+                      seqs: Sequences, batch_size: int, verifier=None) -> Scores:
+    """Every reward of each completion and their mix. columns: per completion, `answer` (the reference;
+    None: the verifier cannot check it) and the prompt set's other columns (group_columns), passed to
+    reward functions. The verifier and format are always computed (they are logged); the reward model
+    only when its weight is > 0."""
+    trl_kw = {"answer": [None] * len(texts), "truncated": truncated, **columns,
+              "completion_ids": [ids[m.bool()].tolist() for ids, m in zip(seqs.completion_ids, seqs.completion_mask)]}
+    kw = {**trl_kw, "extract": getattr(verifier, "extract", "whole"), "compare": getattr(verifier, "compare", "exact"),
+          "pattern": weights.format_pattern, "reward_model": rm, "sequences": seqs, "batch_size": batch_size}
+    values = {"verifier": verifier_reward(texts, **kw), "format": format_reward(texts, **kw)}
+    parts = []
+    for name, weight, fn in reward_functions(weights):
+        if name not in values:
+            values[name] = fn(texts, **(kw if name in BUILT_IN else trl_kw))
+            check_values(values[name], len(texts), name)
+        parts.append((weight, values[name]))
+    rm_scores = torch.tensor(values["reward_model"]) if "reward_model" in values else None
+    return Scores(mix(parts), values["verifier"], values["format"], rm_scores, values)
+
+
+def check_values(values, n: int, name: str) -> None:
+    """A reward function must return one float or None per completion."""
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+        raise ConfigError(f"reward function {name}: returned {got} for {n} completions (want a list of {n})")
+    bad = next((v for v in values if v is not None and not isinstance(v, (int, float))), None)
+    if bad is not None:
+        raise ConfigError(f"reward function {name}: returned {bad!r}; each value must be a float or None")
+
+
+def no_signal_cause(scores: Scores, answers: list[str | None], weights) -> str:
+    """The likely reason a batch of rewards carries no signal (all equal, or none computable)."""
+    if scores.n_unscored == len(scores.total):
+        return "no reward could be computed for any completion (no reference answers? check data.answer_column)"
+    if weights.verifier > 0 and all(a is None for a in answers):
+        return "the prompts have no reference answers (check data.answer_column)"
+    if weights.verifier > 0 and not any(scores.verifier):
+        return ("the verifier accepted no reply (check the answer format of data.answer_column and "
+                "verifier.extract / verifier.compare)")
+    return "the reward does not vary between completions (check the reward weights and functions)"

@@ -20,7 +20,7 @@ class Rollout:
 
     seqs:          Sequences [N, P+C]
     sample_logps:  [N, C] log-probs of the drawn tokens under the sampling distribution (0 on padding)
-    truncated:     [N] bool, no EOS within max_new_tokens
+    truncated:     [N] bool, no stop token within max_new_tokens
     """
 
     seqs: Sequences
@@ -45,11 +45,12 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def _sample_batch(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_id, pad_id, generator):
+def _sample_batch(model, prompt_ids, prompt_mask, max_new_tokens, temperature, stop_ids, pad_id, generator):
     from transformers import DynamicCache
 
     n, p = prompt_ids.shape
     device = prompt_ids.device
+    stop = torch.tensor(stop_ids, device=device)
     cache = DynamicCache(config=model.config)
     mask = prompt_mask
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids(mask),
@@ -72,7 +73,7 @@ def _sample_batch(model, prompt_ids, prompt_mask, max_new_tokens, temperature, e
         tokens.append(tok)
         logps.append(lp * alive)
         mask = torch.cat([mask, alive[:, None]], dim=1)
-        done = done | (tok == eos_id)
+        done = done | torch.isin(tok, stop)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos + step,
@@ -83,21 +84,23 @@ def _sample_batch(model, prompt_ids, prompt_mask, max_new_tokens, temperature, e
 
 
 def sample(model, prompts: list[list[int]], n_per_prompt: int, max_new_tokens: int, temperature: float,
-           eos_id: int, pad_id: int, batch_size: int, generator: torch.Generator | None = None,
+           stop_ids: int | list[int], pad_id: int, batch_size: int, generator: torch.Generator | None = None,
            device: torch.device | str = "cpu") -> Rollout:
     """`n_per_prompt` completions of each prompt, grouped: rows i*n … i*n+n-1 belong to prompt i.
 
-    temperature 0 is greedy. Rows are generated `batch_size` at a time; all come back padded to one
+    temperature 0 is greedy; a completion ends at the first of `stop_ids` (every EOS the model's
+    generation config lists), which it keeps. Rows are generated `batch_size` at a time; all come back padded to one
     width (the longest completion) so the result is one batch in the shared layout.
     """
     rows = [r for r in prompts for _ in range(n_per_prompt)]
+    stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     was_training = model.training
     model.eval()
     parts = []
     for i in range(0, len(rows), batch_size):
         ids, mask = left_pad(rows[i:i + batch_size], pad_id)
         parts.append(_sample_batch(model, ids.to(device), mask.to(device), max_new_tokens, temperature,
-                                   eos_id, pad_id, generator))
+                                   stop_ids, pad_id, generator))
     model.train(was_training)
     return _concat(parts, pad_id)
 

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Callable
 
-from . import tracking
+from . import models, tracking
 from .config import ConfigError
 from .io import atomic_dir, write_csv, write_json
 
@@ -27,12 +27,12 @@ def parser(description: str, *paths: str) -> argparse.ArgumentParser:
 
 
 def write_trained(model, tok, out: str, metrics_path: str, metrics: dict, plots_path: str, rows: list[dict],
-                  tracker, step: int) -> None:
+                  tracker, step: int, like: str) -> None:
     """A training stage's outputs, each written atomically (the model directory with its tokenizer,
-    the metrics json, the per-step plot csv), and its final metrics to MLflow."""
+    saved in the dtype of the model it started from, `like`; the metrics json, the per-step plot csv),
+    and its final metrics to MLflow."""
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        models.save(model, tok, tmp, models.stored_dtype(like))
     write_json(metrics_path, metrics)
     write_csv(plots_path, rows)
     tracker.log_metrics(metrics, step=step)

@@ -1,8 +1,12 @@
-"""The embedded synthetic task: two-number addition with the answer's digits reversed.
+"""The embedded synthetic tasks, generated from a seed.
 
-`12+34=` → `64` (46 written least-significant digit first). Writing the digits in reverse lets a small
-model produce each digit after the carry that decides it, so a 1M-parameter Llama learns the task in
-minutes on a CPU; the verifier is an exact string match, so the reward cannot be gamed.
+reversed_addition: `12+34=` → `64` (46 written least-significant digit first). Writing the digits in
+reverse lets a small model produce each digit after the carry that decides it, so a 1M-parameter Llama
+learns the task in minutes on a CPU; the verifier is an exact string match, so the reward cannot be gamed.
+
+chat_arithmetic: the same sums asked in natural language ("What is 47 + 38?", short word problems) and
+answered in a sentence ("47 + 38 = 85."), for a pretrained chat model; the verifier extracts the answer
+from the reply (verifier.extract: auto).
 
 Everything is generated from a seed; the held-out (eval) problems never appear in any training set.
 Rows follow TRL's conversational column conventions so the same loaders serve hub datasets.
@@ -85,6 +89,62 @@ def demonstrate(p: Problem, rng: random.Random, carry_slip: float, sft_noise: fl
     return p.answer
 
 
+# ---------------------------------------------------------------------------------------------- chat
+
+NAMES = ("Sam", "Mia", "Leo", "Ava", "Noah", "Zoe")
+ITEMS = ("apples", "books", "marbles", "stickers", "coins", "shells")
+QUESTIONS = (
+    "What is {a} + {b}?",
+    "What is {a} plus {b}?",
+    "Add {a} and {b}.",
+    "Compute {a} + {b}.",
+    "{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+    "A box holds {a} {item}. {name} puts in {b} more. How many {item} are in the box?",
+)
+"""Phrasings of a + b: bare sums and word problems, each with one numeric answer."""
+
+
+def chat_question(p: Problem, rng: random.Random) -> str:
+    return rng.choice(QUESTIONS).format(a=p.a, b=p.b, name=rng.choice(NAMES), item=rng.choice(ITEMS))
+
+
+def chat_reply(p: Problem, total: int) -> str:
+    """A demonstration: the sum written out, ending with the (claimed) total."""
+    return f"{p.a} + {p.b} = {total}."
+
+
+def make_chat_datasets(max_operand: int, n_sft: int, carry_slip: float, sft_noise: float, n_preference: int,
+                       carry_pairs: float, n_prompts: int, n_eval: int, seed: int) -> dict[str, list[dict]]:
+    """The chat_arithmetic sets: the same problems, demonstrator and preferences as make_datasets, in
+    natural language with plain (not reversed) answers. Rejected replies are a wrong sum (the carry
+    done wrong with probability carry_pairs, else another plausible mistake)."""
+    train, held_out = split_problems(max_operand, n_eval, seed)
+    rng = random.Random(seed + 1)
+
+    def pick() -> Problem:
+        return train[rng.randrange(len(train))]
+
+    def reversed_to_int(s: str) -> int:
+        return int(s[::-1])
+
+    sft = []
+    for _ in range(n_sft):
+        p = pick()
+        total = reversed_to_int(demonstrate(p, rng, carry_slip, sft_noise))
+        sft.append({"prompt": user(chat_question(p, rng)), "completion": assistant(chat_reply(p, total))})
+    preference = []
+    for _ in range(n_preference):
+        p = pick()
+        wrong = reversed_to_int(p.carry_error if rng.random() < carry_pairs else wrong_answer(p, rng))
+        q = user(chat_question(p, rng))
+        preference.append({"prompt": q, "chosen": assistant(chat_reply(p, p.a + p.b)),
+                           "rejected": assistant(chat_reply(p, wrong))})
+    prompts = [{"prompt": user(chat_question(p, rng)), "answer": str(p.a + p.b)}
+               for p in (pick() for _ in range(n_prompts))]
+    evals = [{"prompt": user(chat_question(p, rng)), "answer": str(p.a + p.b)} for p in held_out]
+    return {"sft": sft, "preference": preference, "prompts": prompts, "eval": evals}
+
+
 def make_datasets(
     max_operand: int, n_sft: int, carry_slip: float, sft_noise: float, n_preference: int, carry_pairs: float,
     n_prompts: int, n_eval: int, seed: int,
@@ -128,3 +188,7 @@ def corpus(max_operand: int) -> list[str]:
             p = Problem(a, b)
             rows.append(p.prompt + p.answer)
     return rows
+
+
+TASKS = {"reversed_addition": make_datasets, "chat_arithmetic": make_chat_datasets}
+"""data.embedded.task → the function that makes its four sets."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.core import advantages, evaluation, io, losses, models, rewards, train
+from stages.core import advantages, evaluation, io, losses, models, rewards, stage, train
 from stages.core.logprobs import Sequences, batched_token_logps, sequence_logps, token_logps
 
 
@@ -30,6 +30,8 @@ class Batch:
     scores:      rewards.Scores of the N completions (total [N], NaN = no reward)
     truncated:   [N] bool, no EOS
     gen_seconds: wall time spent generating
+    texts:       the N completions as text
+    answers:     the N reference answers (None: none to check against)
     """
 
     seqs: Sequences
@@ -40,6 +42,8 @@ class Batch:
     scores: rewards.Scores
     truncated: torch.Tensor
     gen_seconds: float
+    texts: list[str]
+    answers: list[str | None]
 
     @property
     def n_tokens(self) -> int:
@@ -56,7 +60,7 @@ def load_models(cfg, c, args, device, needs_ref: bool):
 
 
 @torch.no_grad()
-def collect(policy, ref, rm, tok, rows: list[dict], c, generator, device, need_old: bool) -> Batch:
+def collect(policy, ref, rm, tok, rows: list[dict], c, generator, device, need_old: bool, verifier=None) -> Batch:
     """Sample, score and measure a generation batch from the current policy. need_old: compute the
     old log-probs with the trainer's forward pass (not the sampler's: under bf16 the KV-cache decode
     and the full forward differ, and the ratio must be exactly 1 before the first update)."""
@@ -67,29 +71,59 @@ def collect(policy, ref, rm, tok, rows: list[dict], c, generator, device, need_o
                                   c.gen_batch_size, c.temperature, k, generator)
     gen_seconds = time.perf_counter() - t0
     seqs = ans.seqs.to(device)
-    answers = [rows[i // k].get("answer") for i in range(len(ans.texts))]
+    columns = rewards.group_columns(rows, k)
     truncated = ans.rollout.truncated
     with models.autocast(device):
-        scores = rewards.score_completions(c.reward, ans.texts, truncated.tolist(), answers, rm, seqs,
-                                           c.gen_batch_size)
+        scores = rewards.score_completions(c.reward, ans.texts, truncated.tolist(), columns, rm, seqs,
+                                           c.gen_batch_size, verifier)
         ref_logps = batched_token_logps(ref, seqs, c.gen_batch_size, c.temperature) if ref is not None else None
         old_logps = batched_token_logps(policy, seqs, c.gen_batch_size, c.temperature) if need_old else None
     scored = ~torch.isnan(scores.total)
     mask = seqs.completion_mask.float() * scored.to(device)[:, None]
     return Batch(seqs, mask, ans.rollout.sample_logps.to(device), old_logps, ref_logps, scores, truncated,
-                 gen_seconds)
+                 gen_seconds, ans.texts, columns["answer"])
 
 
-def rollout_metrics(b: Batch) -> dict:
+def zero_std_fraction(total: torch.Tensor, k: int) -> float:
+    """Share of the groups of k completions whose scored rewards are all equal (or fewer than two
+    scored): their group-relative advantage is 0, so they teach nothing.  total: [N], NaN = no reward"""
+    groups = total.view(-1, k)
+    flat = [g[~torch.isnan(g)] for g in groups]
+    return sum(len(g) < 2 or float(g.max() - g.min()) <= 1e-6 for g in flat) / len(flat)
+
+
+def rollout_metrics(b: Batch, k: int) -> dict:
     total = b.scores.total
     m = {"rollout/reward_mean": float(total.nanmean()), "rollout/length": b.n_tokens / len(total),
-         "rollout/no_reward": b.scores.n_unscored, "rollout/truncated": int(b.truncated.sum())}
+         "rollout/no_reward": b.scores.n_unscored, "rollout/truncated": int(b.truncated.sum()),
+         "rollout/zero_std_frac": zero_std_fraction(total, k)}
     if int((~torch.isnan(total)).sum()) > 1:
         m["rollout/reward_std"] = float(total[~torch.isnan(total)].std())
     acc = evaluation.accuracy(b.scores.verifier)
     if acc is not None:
         m["rollout/accuracy"] = acc
     return m
+
+
+def check_signal(seen: list[torch.Tensor], b: Batch, step: int, c, method: str, reward_weights) -> None:
+    """Stop when every reward of the first `c.no_signal_steps` steps was the same value: no advantage,
+    no gradient, nothing learned; say the likely cause and show a reply next to its reference answer.
+    `seen` collects the rewards of those steps (a resumed run past them does not check again)."""
+    if step >= c.no_signal_steps:
+        return
+    seen.append(b.scores.total)
+    if step + 1 < c.no_signal_steps:
+        return
+    total = torch.cat(seen)
+    scored = total[~torch.isnan(total)]
+    if len(scored) and float(scored.max() - scored.min()) > 1e-6:
+        return
+    i = next((j for j, t in enumerate(b.texts) if t.strip()), 0)
+    example = f"reply {b.texts[i][:80]!r}, reference answer {b.answers[i]!r}"
+    cause = rewards.no_signal_cause(b.scores, b.answers, reward_weights)
+    raise stage.StageFailed(f"align@{method}: every reward of the first {c.no_signal_steps} steps was "
+                            f"{float(scored[0]) if len(scored) else float('nan'):g} ({len(total)} completions), "
+                            f"nothing to learn from: {cause}; e.g. {example}")
 
 
 def sampler_gap(logps: torch.Tensor, b: Batch, idx, strict: bool, tol: float = 1e-3) -> float:
@@ -165,12 +199,14 @@ def fit(method: str, cfg, args, device, tracker):
         generator.set_state(extra["generator"])
     probe_at = train.probe_steps(c.steps, c.probes)
     totals = {"gen_seconds": 0.0, "step_seconds": 0.0, "tokens": 0, **extra.get("totals", {})}
+    seen: list[torch.Tensor] = []  # rewards of the first steps, for check_signal
 
     log = train.StepLog(tracker, c.steps, c.log_every, f"align@{method}", start, logged)
     for step in range(start, c.steps):
         t0 = time.perf_counter()
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
-        b = collect(policy, ref, rm, tok, rows, c, generator, device, need_old)
+        b = collect(policy, ref, rm, tok, rows, c, generator, device, need_old, cfg.verifier)
+        check_signal(seen, b, step, c, method, c.reward)
         adv, adv_stats = advantage_fn(b, c)
         lr = train.lr_at(step, c, c.steps)
         n = len(b.seqs)
@@ -182,7 +218,7 @@ def fit(method: str, cfg, args, device, tracker):
                 with models.autocast(device):
                     logps, entropy = token_logps(policy, b.seqs.select(idx), c.temperature, with_entropy=True)
                 if it == 0 and part == 0:
-                    logp_gap = sampler_gap(logps, b, idx, strict=device.type == "cpu")
+                    logp_gap = sampler_gap(logps, b, idx, strict=models.exact(device))
                 loss, stats = loss_fn(logps.float(), b, idx, adv, c, batch_tokens)
                 grad_norm = guard(loss, lr)
         step_seconds = time.perf_counter() - t0
@@ -190,14 +226,15 @@ def fit(method: str, cfg, args, device, tracker):
         totals["step_seconds"] += step_seconds
         totals["tokens"] += b.n_tokens
         metrics = {
-            "train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm, **rollout_metrics(b),
+            "train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm,
+            **rollout_metrics(b, c.num_generations),
             "policy/clipfrac": stats["clipfrac"], "policy/entropy": float(losses.masked_mean(entropy, b.mask[idx])),
             "perf/gen_share": b.gen_seconds / step_seconds, "perf/rollout_tokens_per_sec": b.n_tokens / b.gen_seconds,
             "rollout/logp_gap": logp_gap, **({"policy/kl": stats["kl"]} if "kl" in stats else {}), **adv_stats,
         }
         if step + 1 in probe_at:
             metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, c.max_new_tokens,
-                                                                  c.gen_batch_size)
+                                                                  c.gen_batch_size, cfg.verifier)
         log.step(step + 1, metrics, tokens=int(b.seqs.attention_mask.sum()) * c.num_iterations)
         ckpt.maybe_save(step + 1, c.checkpoint_every, c.steps, policy, opt, log.rows,
                         {"generator": generator.get_state(), "totals": totals})

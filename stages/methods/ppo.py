@@ -20,7 +20,7 @@ import torch
 
 from stages.core import advantages, evaluation, io, losses, models, train
 from stages.core.logprobs import position_ids, token_logps
-from stages.methods.online import collect, load_models, rollout_metrics, sampler_gap
+from stages.methods.online import check_signal, collect, load_models, rollout_metrics, sampler_gap
 
 
 def token_values(value_model, seqs) -> torch.Tensor:
@@ -88,12 +88,14 @@ def fit(method: str, cfg, args, device, tracker):
     probe_at = train.probe_steps(c.steps, c.probes)
     totals = {"gen_seconds": 0.0, "step_seconds": 0.0, "tokens": 0, **extra.get("totals", {})}
     kl_fn = losses.KL_ESTIMATORS[c.kl_estimator]
+    seen: list[torch.Tensor] = []  # rewards of the first steps, for check_signal
 
     log = train.StepLog(tracker, c.steps, c.log_every, "align@ppo", start, logged)
     for step in range(start, c.steps):
         t0 = time.perf_counter()
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
-        b = collect(policy, ref, rm, tok, rows, c, generator, device, need_old=True)
+        b = collect(policy, ref, rm, tok, rows, c, generator, device, need_old=True, verifier=cfg.verifier)
+        check_signal(seen, b, step, c, method, c.reward)
         mask = b.mask
         old_values, kl, adv, returns = rollout_targets(b, value_model, kl_fn, kl_ctl.coef, c, device)
         lr = train.lr_at(step, c, c.steps)
@@ -107,7 +109,7 @@ def fit(method: str, cfg, args, device, tracker):
                     logps, entropy = token_logps(policy, part, c.temperature, with_entropy=True)
                     values = token_values(value_model, part)
                 if it == 0 and n_part == 0:
-                    logp_gap = sampler_gap(logps, b, idx, strict=device.type == "cpu")
+                    logp_gap = sampler_gap(logps, b, idx, strict=models.exact(device))
                 pg_loss, clipfrac = losses.ppo_policy_loss(logps.float(), b.old_logps[idx], adv[idx], m, c.epsilon)
                 vf_loss, vf_clipfrac = losses.ppo_value_loss(values, old_values[idx], returns[idx], m,
                                                              c.cliprange_value)
@@ -121,7 +123,7 @@ def fit(method: str, cfg, args, device, tracker):
         totals["tokens"] += b.n_tokens
         metrics = {
             "train/loss": loss.item(), "train/pg_loss": pg_loss.item(), "train/vf_loss": vf_loss.item(),
-            "train/lr": lr, "train/grad_norm": grad_norm, **rollout_metrics(b),
+            "train/lr": lr, "train/grad_norm": grad_norm, **rollout_metrics(b, c.num_generations),
             "policy/kl": seq_kl, "policy/kl_coef": kl_ctl.coef, "policy/clipfrac": clipfrac,
             "policy/vf_clipfrac": vf_clipfrac, "policy/entropy": float(losses.masked_mean(entropy, m)),
             "perf/gen_share": b.gen_seconds / step_seconds, "perf/rollout_tokens_per_sec": b.n_tokens / b.gen_seconds,
@@ -129,7 +131,7 @@ def fit(method: str, cfg, args, device, tracker):
         }
         if step + 1 in probe_at:
             metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, c.max_new_tokens,
-                                                                  c.gen_batch_size)
+                                                                  c.gen_batch_size, cfg.verifier)
         log.step(step + 1, metrics, tokens=int(b.seqs.attention_mask.sum()) * c.num_iterations)
         ckpt.maybe_save(step + 1, c.checkpoint_every, c.steps, both, opt, log.rows,
                         {"generator": generator.get_state(), "totals": totals, "kl_coef": kl_ctl.coef})

@@ -109,12 +109,13 @@ def fit(method: str, cfg, args, device, tracker):
         batch = [rows[i] for i in train.batch_indices(len(rows), c.batch_size, step, cfg.seed)]
         loss, metrics, tokens, (pi, ref) = step_fn(method, policy, batch, c, tok.pad_token_id, device)
         if step == 0:
-            check_reference(pi, ref, strict=device.type == "cpu")
+            check_reference(pi, ref, strict=models.exact(device))
         lr = train.lr_at(step, c, steps)
         grad_norm = guard(loss, lr)
         metrics.update({"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm})
         if step + 1 in probe_at:
-            metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, probe_len, c.batch_size)
+            metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, probe_len, c.batch_size,
+                                                                  cfg.verifier)
         log.step(step + 1, metrics, tokens=tokens)
         ckpt.maybe_save(step + 1, c.checkpoint_every, steps, policy, opt, log.rows)
     log.close()
