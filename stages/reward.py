@@ -48,7 +48,7 @@ def main(argv=None) -> str:
         raise config.ConfigError(f"reward.heldout_fraction: leaves no training pairs of {len(pairs)}")
     tok = models.load_tokenizer(init)
     rm = models.load_reward_model(init, device, trainable=True, pad_token_id=tok.pad_token_id)
-    opt = train.make_optimizer(rm.parameters(), c)
+    opt = train.make_optimizer(rm.parameters(), c, fused=not models.exact(device))
     guard = train.GuardedStep(rm.parameters(), opt, c.max_grad_norm)
     ckpt = train.Checkpoint("reward", {"seed": cfg.seed, **c.model_dump()}, [pref_file, init])
     start, rows, _ = ckpt.resume(rm, opt)
@@ -78,7 +78,8 @@ def main(argv=None) -> str:
         if accuracy < c.min_accuracy:
             raise stage.StageFailed(f"reward: held-out pairwise accuracy {accuracy:.3f} is below reward.min_accuracy "
                                     f"{c.min_accuracy} ({len(heldout)} pairs); no reward model was written")
-        train_acc, _, train_scores = evaluate_pairs(rm, train_pairs, tok.pad_token_id, c.batch_size)
+        train_acc, _, train_scores = evaluate_pairs(rm, train_pairs[:c.stats_pairs or None], tok.pad_token_id,
+                                                   c.batch_size)
         raw_mean, raw_std = float(train_scores.mean()), float(train_scores.std().clamp(min=1e-6))
         rm.config.reward_mean, rm.config.reward_std = raw_mean, raw_std  # read back by score_sequences
         metrics = {

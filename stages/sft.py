@@ -28,9 +28,9 @@ def main(argv=None) -> str:
     tok = models.load_tokenizer(args.base)
     examples = [(r["prompt_ids"], r["completion_ids"]) for r in io.read_jsonl(sft_file)]
     probe = io.read_jsonl(args.probe)[:c.probe_size]
-    probe_len = max(len(e[1]) for e in examples) + 1
+    probe_len = c.probe_max_new_tokens or max(len(e[1]) for e in examples) + 1
     model = models.load_causal_lm(args.base, device)
-    opt = train.make_optimizer(model.parameters(), c)
+    opt = train.make_optimizer(model.parameters(), c, fused=not models.exact(device))
     guard = train.GuardedStep(model.parameters(), opt, c.max_grad_norm)
     ckpt = train.Checkpoint("sft", {"seed": cfg.seed, **c.model_dump()}, [sft_file, args.base])
     start, rows, _ = ckpt.resume(model, opt)

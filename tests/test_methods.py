@@ -116,3 +116,34 @@ def test_grpo_resumes_exactly_after_a_kill(upstream):
     assert "resuming from step" in out.stdout
     a, b = weights(d / "models" / "g_straight"), weights(d / "models" / "g_resumed")
     assert all((a[k] - b[k]).abs().max() < 1e-6 for k in a)
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_an_online_run_with_no_reward_signal_stops_with_the_likely_cause(upstream, method):
+    """References the verifier can never match: every reward is 0, so nothing could be learned; the stage
+    says so (exit 1, one line naming the verifier and showing a reply) instead of training 0-gradient steps."""
+    d = upstream
+    rows = [json.loads(x) for x in (d / "data" / "prompts.jsonl").read_text().splitlines()]
+    (d / "no_signal.jsonl").write_text("".join(json.dumps({**r, "answer": "never"}) + "\n" for r in rows))
+    smoke_params(d / "params.yaml", **{f"align.{method}.reward": {"reward_model": 0.0, "verifier": 1.0}})
+    try:
+        args = align_args(method, f"models/{method}_nosignal")
+        args[args.index("data/prompts.jsonl")] = "no_signal.jsonl"
+        out = helpers.stage("align", *args, cwd=d, check=False)
+    finally:
+        shutil.copy(helpers.SMOKE, d / "params.yaml")
+    assert out.returncode == 1
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: align@{method}: every reward of the first 3 steps was 0 ")
+    assert "the verifier accepted no reply" in err[0] and "reference answer 'never'" in err[0]
+    assert not (d / "models" / f"{method}_nosignal").exists()
+
+
+def test_zero_std_fraction_counts_groups_that_teach_nothing():
+    import torch
+
+    from stages.methods.online import zero_std_fraction
+
+    nan = float("nan")
+    total = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, nan, 0.0, nan, nan])
+    assert zero_std_fraction(total, 2) == 4 / 5  # only [1, 0] varies; [nan, 0] has one scored reward

@@ -144,6 +144,10 @@ class PolicyConfig(OptimConfig):
     spread of the last ones is the comparison's stability figure (0: off)."""
     probe_size: int = Field(64, ge=1)
     """Training prompts in the probe."""
+    probe_max_new_tokens: int = Field(0, ge=0)
+    """Longest greedy reply of the probe (0: one more than the longest training completion for SFT and the
+    offline methods, max_new_tokens for the online ones). A chat model's reply may run longer than its
+    demonstrations: cut short, it states no answer."""
 
 
 class SFTConfig(PolicyConfig):
@@ -164,6 +168,9 @@ class RewardConfig(OptimConfig):
     """Reward centering coefficient c in c·mean((r_c + r_r)²) (Eisenstein et al.; TRL 0.01 when on)."""
     min_accuracy: float = Field(0.0, ge=0.0, le=1.0)
     """Fail the stage when held-out pairwise accuracy is below this."""
+    stats_pairs: int = Field(0, ge=0)
+    """Training pairs scored after training for the score's mean/std (standardization) and the train
+    accuracy: the first this-many of the shuffled pairs (0: all; a few hundred suffice for a big model)."""
 
 
 class RewardWeights(Section):

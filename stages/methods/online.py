@@ -189,7 +189,7 @@ def fit(method: str, cfg, args, device, tracker):
     prompts = io.read_jsonl(args.prompts)
     probe = prompts[:c.probe_size]
     tok, policy, ref, rm = load_models(cfg, c, args, device, needs_ref(c))
-    opt = train.make_optimizer(policy.parameters(), c)
+    opt = train.make_optimizer(policy.parameters(), c, fused=not models.exact(device))
     guard = train.GuardedStep(policy.parameters(), opt, c.max_grad_norm)
     ckpt = train.Checkpoint(f"align-{method}", {"seed": cfg.seed, **c.model_dump()},
                             [args.prompts, args.sft] + ([args.reward] if rm is not None else []))
@@ -233,8 +233,9 @@ def fit(method: str, cfg, args, device, tracker):
             "rollout/logp_gap": logp_gap, **({"policy/kl": stats["kl"]} if "kl" in stats else {}), **adv_stats,
         }
         if step + 1 in probe_at:
-            metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, c.max_new_tokens,
-                                                                  c.gen_batch_size, cfg.verifier)
+            probe_len = c.probe_max_new_tokens or c.max_new_tokens
+            metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, probe_len, c.gen_batch_size,
+                                                                  cfg.verifier)
         log.step(step + 1, metrics, tokens=int(b.seqs.attention_mask.sum()) * c.num_iterations)
         ckpt.maybe_save(step + 1, c.checkpoint_every, c.steps, policy, opt, log.rows,
                         {"generator": generator.get_state(), "totals": totals})

@@ -75,7 +75,7 @@ def fit(method: str, cfg, args, device, tracker):
     tok, policy, ref, rm = load_models(cfg, c, args, device, needs_ref=True)
     value_model = models.disable_dropout(models.load_reward_model(args.reward, device, trainable=True))
     params = list(policy.parameters()) + list(value_model.parameters())
-    opt = train.make_optimizer(params, c)
+    opt = train.make_optimizer(params, c, fused=not models.exact(device))
     guard = train.GuardedStep(params, opt, c.max_grad_norm)
     ckpt = train.Checkpoint(f"align-{method}", {"seed": cfg.seed, **c.model_dump()},
                             [args.prompts, args.sft, args.reward])
@@ -130,8 +130,9 @@ def fit(method: str, cfg, args, device, tracker):
             "rollout/logp_gap": logp_gap,
         }
         if step + 1 in probe_at:
-            metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, c.max_new_tokens,
-                                                                  c.gen_batch_size, cfg.verifier)
+            probe_len = c.probe_max_new_tokens or c.max_new_tokens
+            metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, probe_len, c.gen_batch_size,
+                                                                  cfg.verifier)
         log.step(step + 1, metrics, tokens=int(b.seqs.attention_mask.sum()) * c.num_iterations)
         ckpt.maybe_save(step + 1, c.checkpoint_every, c.steps, both, opt, log.rows,
                         {"generator": generator.get_state(), "totals": totals, "kl_coef": kl_ctl.coef})

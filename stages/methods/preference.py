@@ -89,14 +89,14 @@ def fit(method: str, cfg, args, device, tracker):
     step_fn, data_file, check_data = STEPS[method]
     rows = io.read_jsonl(Path(args.pairs) / data_file)
     probe = io.read_jsonl(args.prompts)[:c.probe_size]
-    probe_len = max(len(r.get("chosen_ids") or r["completion_ids"]) for r in rows) + 1
+    probe_len = c.probe_max_new_tokens or max(len(r.get("chosen_ids") or r["completion_ids"]) for r in rows) + 1
     steps = c.epochs * max(1, len(rows) // c.batch_size) if c.epochs else c.steps  # whole batches, as batch_indices
     final = {"train/examples": len(rows), "cost/models_in_memory": 1, "cost/tokens_generated": 0,
              **(check_data(rows, c) if check_data else {})}
 
     tok = models.load_tokenizer(args.sft)
     policy = models.disable_dropout(models.load_causal_lm(args.sft, device))
-    opt = train.make_optimizer(policy.parameters(), c)
+    opt = train.make_optimizer(policy.parameters(), c, fused=not models.exact(device))
     guard = train.GuardedStep(policy.parameters(), opt, c.max_grad_norm)
     ckpt = train.Checkpoint(f"align-{method}", {"seed": cfg.seed, **c.model_dump()},
                             [Path(args.pairs) / data_file, args.sft])
