@@ -38,6 +38,19 @@ def write_trained(model, tok, out: str, metrics_path: str, metrics: dict, plots_
     tracker.log_metrics(metrics, step=step)
 
 
+def _error(e: Exception, code: int) -> None:
+    """The one-line error on a line of its own (open progress bars closed first), then exit `code`."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+    except ImportError:
+        pass
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(code)
+
+
 def run(main: Callable[[list[str] | None], str], argv: list[str] | None = None) -> None:
     """Run a stage's main; print its one-line summary, or a one-line error and exit non-zero.
 
@@ -54,11 +67,9 @@ def run(main: Callable[[list[str] | None], str], argv: list[str] | None = None) 
     try:
         summary = main(argv)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _error(e, 2)
     except StageFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _error(e, 1)
     except KeyboardInterrupt:
         print("interrupted: no output was written (a checkpoint, if any, resumes on rerun)", file=sys.stderr)
         sys.exit(130)
