@@ -40,6 +40,7 @@ def main(argv=None) -> str:
     rows = io.read_jsonl(args.eval)
     if c.max_prompts:
         rows = rows[:c.max_prompts]
+    rewards.check_references(rows, cfg.verifier, args.eval)
     prompt_ids = [r["prompt_ids"] for r in rows]
     tok = models.load_tokenizer(args.policy)
     policy = models.load_causal_lm(args.policy, device, trainable=False)

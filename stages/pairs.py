@@ -102,6 +102,8 @@ def main(argv=None) -> str:
     prompts = io.read_jsonl(args.prompts)
     if c.max_prompts:
         prompts = prompts[:c.max_prompts]
+    if c.score.verifier > 0:
+        rewards.check_references(prompts, cfg.verifier, args.prompts)
     k = c.num_samples
     answers = [prompts[i // k].get("answer") for i in range(len(prompts) * k)]
     tok = models.load_tokenizer(args.sft)

@@ -104,3 +104,16 @@ def test_collate_layout():
     assert seqs.prompt_len == 3
     assert seqs.input_ids.tolist() == [[1, 2, 3, 5, 6, 0], [0, 0, 4, 7, 8, 9]]
     assert seqs.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_over_long_rows_are_truncated_or_rejected(tok):
+    rows = data.tokenize(tok, [{"prompt": [{"role": "user", "content": "12+34="}],
+                                "completion": [{"role": "assistant", "content": "64"}]}], "sft")
+    out, counts = data.limit_lengths(rows, "sft", 3, 2, "truncate", "data.sft")
+    assert out[0]["prompt_ids"] == rows[0]["prompt_ids"][-3:]  # the prompt keeps its end
+    assert out[0]["completion_ids"] == rows[0]["completion_ids"][:2]  # the completion keeps its start
+    assert counts == {"prompts": 1, "completions": 1} and rows[0]["prompt_ids"] != out[0]["prompt_ids"]
+    with pytest.raises(ConfigError, match=r"^data.sft: row 1: the prompt is \d+ tokens, more than "
+                                          r"data.max_prompt_length 3 \(or set data.overlong: truncate\)$"):
+        data.limit_lengths(rows, "sft", 3, 2, "error", "data.sft")
+    assert data.limit_lengths(rows, "sft", 100, 100, "error", "data.sft") == (rows, {"prompts": 0, "completions": 0})

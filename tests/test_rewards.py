@@ -105,3 +105,11 @@ def test_bad_reward_functions_are_one_line_errors(tok):
         w = config.RewardWeights(reward_model=0.0, functions={name: 1.0})
         with pytest.raises(config.ConfigError, match=match):
             rewards.score_completions(w, ["64"], [False], {"answer": ["64"]}, None, seqs, 8)
+
+
+def test_a_reference_the_verifier_cannot_read_is_a_one_line_error():
+    v = config.VerifierConfig(extract="auto", compare="math")
+    rewards.check_references([{"answer": "85"}, {"answer": None}, {"answer": "\\frac{1}{2}"}], v, "p.jsonl")
+    with pytest.raises(config.ConfigError, match=r"^p.jsonl: row 2: the verifier cannot read the reference answer "
+                                                 r"'banana' \(verifier.compare: math; check data.answer_column\)$"):
+        rewards.check_references([{"answer": "85"}, {"answer": "banana"}], v, "p.jsonl")

@@ -62,3 +62,16 @@ def test_kl_to_reference(tiny_model, sampled):
     other.eval()
     kl = evaluation.kl_to_reference(tiny_model, other, sampled.seqs, 8)
     assert (kl > 0).all()
+
+
+def test_every_stop_token_ends_a_completion(tok, tiny_model):
+    """A chat model's generation config may list several end-of-turn tokens: any of them ends a completion."""
+    ids = prompts(tok, ["1+2=", "12+13="])
+    free = rollout.sample(tiny_model, ids, 4, 6, 1.0, tok.eos_token_id, tok.pad_token_id, 8,
+                          generator=torch.Generator().manual_seed(0))
+    first = int(free.seqs.completion_ids[0, 0])
+    assert first != tok.eos_token_id
+    stopped = rollout.sample(tiny_model, ids, 4, 6, 1.0, [tok.eos_token_id, first], tok.pad_token_id, 8,
+                             generator=torch.Generator().manual_seed(0))
+    assert int(stopped.seqs.completion_mask[0].sum()) == 1 and not stopped.truncated[0]
+    assert int(stopped.seqs.completion_ids[0, 0]) == first  # the stop token is kept, as EOS is

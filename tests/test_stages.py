@@ -143,3 +143,18 @@ def test_reward_gate_fails_without_output(prepared):
     assert out.stderr.strip().splitlines()[-1].startswith("error: reward: held-out pairwise accuracy")
     assert "below reward.min_accuracy 1.0" in out.stderr
     assert not (d / "models" / "gated").exists() and not (d / "gated.json").exists()
+
+
+def test_a_model_without_a_chat_template_says_what_to_set(tmp_path, saved_model):
+    model_dir = tmp_path / "no_template"
+    shutil.copytree(saved_model, model_dir)
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    smoke_params(tmp_path / "params.yaml", **{"model.name_or_path": str(model_dir)})
+    out = helpers.stage("prepare", "--data-out", "data", "--model-out", "models/base", cwd=tmp_path, check=False)
+    assert out.returncode == 2 and not (tmp_path / "data").exists()
+    assert out.stderr.strip() == (f"error: model.name_or_path: {model_dir} has no chat template, but the data is "
+                                  "conversational; set model.chat_template to a Jinja template (or a file holding "
+                                  "one), or give plain-text prompt/completion data")

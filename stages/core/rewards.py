@@ -29,6 +29,17 @@ def verify(completion: str, answer: str | None, extract: str = "whole", compare:
     return answers.check(completion, answer, extract, compare)
 
 
+def check_references(rows: list[dict], verifier, source: str) -> None:
+    """Every reference answer the verifier will compare against must be readable by it: a one-line error
+    naming the file and row otherwise (a reference it cannot read would score every reply 0, silently)."""
+    compare = getattr(verifier, "compare", "exact")
+    for i, row in enumerate(rows, start=1):
+        ref = row.get("answer")
+        if ref is not None and not answers.parses(str(ref), compare):
+            raise ConfigError(f"{source}: row {i}: the verifier cannot read the reference answer {str(ref)[:40]!r} "
+                              f"(verifier.compare: {compare}; check data.answer_column)")
+
+
 def verifier_reward(completions: list[str], answer: list[str | None], extract: str = "whole",
                     compare: str = "exact", **_) -> list[float | None]:
     """The verifier as a reward function: 1 right, 0 wrong or no answer stated, None no reference."""

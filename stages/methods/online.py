@@ -50,6 +50,14 @@ class Batch:
         return int(self.seqs.completion_mask.sum())
 
 
+def read_prompts(path: str, c, verifier) -> list[dict]:
+    """The training prompts; their reference answers checked readable when the reward uses the verifier."""
+    prompts = io.read_jsonl(path)
+    if c.reward.verifier > 0:
+        rewards.check_references(prompts, verifier, path)
+    return prompts
+
+
 def load_models(cfg, c, args, device, needs_ref: bool):
     """(tokenizer, policy, reference or None, reward model or None) for an online method."""
     tok = models.load_tokenizer(args.sft)
@@ -186,7 +194,7 @@ def fit(method: str, cfg, args, device, tracker):
     c = cfg.align.method(method)
     advantage_fn, loss_fn, needs_ref, needs_old = METHODS[method]
     need_old = needs_old(c) or c.num_iterations > 1 or c.minibatches > 1
-    prompts = io.read_jsonl(args.prompts)
+    prompts = read_prompts(args.prompts, c, cfg.verifier)
     probe = prompts[:c.probe_size]
     tok, policy, ref, rm = load_models(cfg, c, args, device, needs_ref(c))
     opt = train.make_optimizer(policy.parameters(), c, fused=not models.exact(device))

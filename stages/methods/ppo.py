@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from stages.core import advantages, evaluation, io, losses, models, train
+from stages.core import advantages, evaluation, losses, models, train
 from stages.core.logprobs import position_ids, token_logps
-from stages.methods.online import check_signal, collect, load_models, rollout_metrics, sampler_gap
+from stages.methods.online import check_signal, collect, load_models, read_prompts, rollout_metrics, sampler_gap
 
 
 def token_values(value_model, seqs) -> torch.Tensor:
@@ -70,7 +70,7 @@ class AdaptiveKL:
 def fit(method: str, cfg, args, device, tracker):
     """PPO from the SFT policy → (model, tokenizer, final metrics, logged rows)."""
     c = cfg.align.method(method)
-    prompts = io.read_jsonl(args.prompts)
+    prompts = read_prompts(args.prompts, c, cfg.verifier)
     probe = prompts[:c.probe_size]
     tok, policy, ref, rm = load_models(cfg, c, args, device, needs_ref=True)
     value_model = models.disable_dropout(models.load_reward_model(args.reward, device, trainable=True))
