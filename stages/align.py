@@ -35,7 +35,7 @@ def main(argv=None) -> str:
         model, tok, metrics, rows = METHODS[args.method](args.method, cfg, args, device, tr)
         metrics = {**metrics, "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device)}
         stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, rows, tr,
-                            rows[-1]["step"] if rows else 0, args.sft)
+                            rows[-1]["step"] if rows else 0)
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("train/loss", "probe/accuracy") if k in metrics)
     return f"align@{args.method}: {shown}, {metrics['cost/wall_s']:.0f}s → {args.out}"
 

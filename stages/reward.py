@@ -88,7 +88,7 @@ def main(argv=None) -> str:
             "reward/n_heldout": len(heldout), "train/skipped_steps": guard.skipped,
             "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device),
         }
-        stage.write_trained(rm, tok, args.out, args.metrics, metrics, args.plots, log.rows, tr, c.steps, init)
+        stage.write_trained(rm, tok, args.out, args.metrics, metrics, args.plots, log.rows, tr, c.steps)
     ckpt.clear()
     return (f"reward: {c.steps} steps on {len(train_pairs)} pairs, held-out accuracy {accuracy:.3f} "
             f"({len(heldout)} pairs) → {args.out}")

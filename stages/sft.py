@@ -61,7 +61,7 @@ def main(argv=None) -> str:
             "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device),
             "cost/models_in_memory": 1, "cost/tokens_generated": 0,
         }
-        stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, log.rows, tr, c.steps, args.base)
+        stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, log.rows, tr, c.steps)
     ckpt.clear()
     return (f"sft: {c.steps} steps on {len(examples)} examples, final loss {metrics['train/loss']:.4f}, "
             f"probe accuracy {metrics.get('probe/accuracy', float('nan')):.3f}, "

@@ -46,9 +46,9 @@ class ModelConfig(Section):
     already in the local Hugging Face cache (e.g. Qwen/Qwen2.5-0.5B-Instruct), or a local `.gguf` file
     (dequantized and converted once to a normal checkpoint by prepare; needs the `gguf` package)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Dtype every stage saves its model in (each stage keeps its input's): auto = bfloat16 for a
-    pretrained model (half the disk; bf16 autocast where the machine has fast bf16), float32 for the
-    embedded one. Training always holds float32 master weights."""
+    """Dtype prepare stores the base model in: auto = bfloat16 for a pretrained model (half the disk; a
+    GGUF's dequantized weights lose nothing that matters), float32 for the embedded one. Trained models
+    are always stored in float32 (a fine-tuning step is below bf16's resolution: models.save)."""
     chat_template: str = ""
     """A Jinja chat template (or a file holding one) for a model whose tokenizer has none; empty: the
     model's own. Conversational data needs one."""

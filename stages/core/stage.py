@@ -27,12 +27,11 @@ def parser(description: str, *paths: str) -> argparse.ArgumentParser:
 
 
 def write_trained(model, tok, out: str, metrics_path: str, metrics: dict, plots_path: str, rows: list[dict],
-                  tracker, step: int, like: str) -> None:
-    """A training stage's outputs, each written atomically (the model directory with its tokenizer,
-    saved in the dtype of the model it started from, `like`; the metrics json, the per-step plot csv),
-    and its final metrics to MLflow."""
+                  tracker, step: int) -> None:
+    """A training stage's outputs, each written atomically (the model directory with its tokenizer, in
+    float32: models.save says why; the metrics json, the per-step plot csv), and its final metrics to MLflow."""
     with atomic_dir(out) as tmp:
-        models.save(model, tok, tmp, models.stored_dtype(like))
+        models.save(model, tok, tmp)
     write_json(metrics_path, metrics)
     write_csv(plots_path, rows)
     tracker.log_metrics(metrics, step=step)
