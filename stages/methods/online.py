@@ -113,7 +113,7 @@ def rollout_metrics(b: Batch, k: int) -> dict:
     return m
 
 
-def check_signal(seen: list[torch.Tensor], b: Batch, step: int, c, method: str, reward_weights) -> None:
+def check_signal(seen: list[torch.Tensor], b: Batch, step: int, c, method: str) -> None:
     """Stop when every reward of the first `c.no_signal_steps` steps was the same value: no advantage,
     no gradient, nothing learned; say the likely cause and show a reply next to its reference answer.
     `seen` collects the rewards of those steps (a resumed run past them does not check again)."""
@@ -128,7 +128,7 @@ def check_signal(seen: list[torch.Tensor], b: Batch, step: int, c, method: str, 
         return
     i = next((j for j, t in enumerate(b.texts) if t.strip()), 0)
     example = f"reply {b.texts[i][:80]!r}, reference answer {b.answers[i]!r}"
-    cause = rewards.no_signal_cause(b.scores, b.answers, reward_weights)
+    cause = rewards.no_signal_cause(b.scores, b.answers, c.reward)
     raise stage.StageFailed(f"align@{method}: every reward of the first {c.no_signal_steps} steps was "
                             f"{float(scored[0]) if len(scored) else float('nan'):g} ({len(total)} completions), "
                             f"nothing to learn from: {cause}; e.g. {example}")
@@ -214,7 +214,7 @@ def fit(method: str, cfg, args, device, tracker):
         t0 = time.perf_counter()
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
         b = collect(policy, ref, rm, tok, rows, c, generator, device, need_old, cfg.verifier)
-        check_signal(seen, b, step, c, method, c.reward)
+        check_signal(seen, b, step, c, method)
         adv, adv_stats = advantage_fn(b, c)
         lr = train.lr_at(step, c, c.steps)
         n = len(b.seqs)

@@ -95,7 +95,7 @@ def fit(method: str, cfg, args, device, tracker):
         t0 = time.perf_counter()
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
         b = collect(policy, ref, rm, tok, rows, c, generator, device, need_old=True, verifier=cfg.verifier)
-        check_signal(seen, b, step, c, method, c.reward)
+        check_signal(seen, b, step, c, method)
         mask = b.mask
         old_values, kl, adv, returns = rollout_targets(b, value_model, kl_fn, kl_ctl.coef, c, device)
         lr = train.lr_at(step, c, c.steps)
