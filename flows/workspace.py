@@ -36,10 +36,12 @@ def create(dest: str | Path, params: str | Path | None = None, src: Path = ROOT)
     _run(["git", "init", "-q"], dest)
     dvc = [sys.executable, "-m", "dvc"]
     _run(dvc + ["init", "-q"], dest)
-    # A model is stored once: the workspace's copy is a link to DVC's cache (reflink where the filesystem
-    # has it, else a hardlink), not a second copy. Stages only ever replace outputs (atomic renames).
+    # A model is stored once: the workspace's copy is a hardlink to DVC's cache (a symlink across
+    # filesystems), not a second copy; DVC marks it read-only and stages only ever replace outputs
+    # (atomic renames), so the cache cannot be edited through it. (With reflink listed first, DVC 3.67
+    # commits a stage's outputs by copying them on a filesystem without reflinks, such as ext4.)
     for key, value in (("core.analytics", "false"), ("core.check_update", "false"), ("core.autostage", "false"),
-                       ("cache.type", "reflink,hardlink,copy")):
+                       ("cache.type", "hardlink,symlink,copy")):
         _run(dvc + ["config", key, value], dest)
     _run(["git", "add", "-A"], dest)
     _run(git + ["commit", "-q", "-m", "workspace"], dest)
