@@ -134,6 +134,8 @@ def main(argv=None) -> str:
         pairs, dropped = build_pairs(samples, k, c.truncated, c.truncated_penalty)
         if not pairs:
             cause = rewards.no_signal_cause(scores, answers, c.score)
+            if 2 * sum(truncated) > len(truncated):
+                cause = f"most completions never ended within pairs.max_new_tokens {c.max_new_tokens} (raise it)"
             why = (f"{dropped['ties']} ties, {dropped['unscorable']} unscorable, "
                    f"{dropped['unfinished']} with no finished completion")
             raise stage.StageFailed(f"pairs: no pair could be formed from {len(prompts)} prompts ({why}): {cause}; "
