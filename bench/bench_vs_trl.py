@@ -227,7 +227,7 @@ def grpo_ours(args, wd: Path) -> dict:
         online.sampler_gap(logps, b, idx, strict=True)
         loss, stats = online.grpo_loss(logps.float(), b, idx, adv, c, float(b.mask.sum()))
         guard(loss, train.lr_at(step, c, total))
-        online.rollout_metrics(b)
+        online.rollout_metrics(b, c.num_generations)
         ends.append(time.perf_counter())
         gen_s.append(b.gen_seconds)
         tokens.append(b.n_tokens)
