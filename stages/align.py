@@ -5,8 +5,8 @@
 
 Each method's loop is a function in stages/methods/ registered in METHODS (checked against the
 params schema's methods at import: no if/elif over method names). It receives the validated params
-and the paths and returns (trained model, tokenizer, final metrics, logged rows); this module writes
-the outputs atomically and logs them.
+and the paths and returns (trained model, tokenizer, final metrics, train.Run); this module writes
+the outputs atomically, logs them, then clears the method's checkpoint.
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ def main(argv=None) -> str:
 
     with tracking.stage_run("align", method=args.method, params={"seed": cfg.seed, **mcfg.model_dump()},
                             deps=[args.sft, args.pairs, args.reward]) as tr:
-        model, tok, metrics, rows = METHODS[args.method](args.method, cfg, args, device, tr)
-        metrics = {**metrics, "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device)}
-        stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, rows, tr,
-                            rows[-1]["step"] if rows else 0)
+        model, tok, metrics, run = METHODS[args.method](args.method, cfg, args, device, tr, t0)
+        metrics = {**metrics, "cost/wall_s": time.perf_counter() - t0 + run.prior_s,
+                   "cost/peak_mem_mb": models.peak_mem_mb(device)}
+        stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, run.rows, tr,
+                            run.rows[-1]["step"] if run.rows else 0)
+    run.checkpoint.clear()
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("train/loss", "probe/accuracy") if k in metrics)
     return f"align@{args.method}: {shown}, {metrics['cost/wall_s']:.0f}s → {args.out}"
 

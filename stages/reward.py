@@ -14,6 +14,7 @@ rewards on a known scale.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 
@@ -48,32 +49,25 @@ def main(argv=None) -> str:
         raise config.ConfigError(f"reward.heldout_fraction: leaves no training pairs of {len(pairs)}")
     tok = models.load_tokenizer(init)
     rm = models.load_reward_model(init, device, trainable=True, pad_token_id=tok.pad_token_id)
-    opt = train.make_optimizer(rm.parameters(), c, fused=not models.exact(device))
-    guard = train.GuardedStep(rm.parameters(), opt, c.max_grad_norm)
-    ckpt = train.Checkpoint("reward", {"seed": cfg.seed, **c.model_dump()}, [pref_file, init])
-    start, rows, _ = ckpt.resume(rm, opt)
+
+    def micro(rows: list[dict]):
+        batch = data.collate_pairs(rows, tok.pad_token_id).to(device)
+        with models.autocast(device):
+            scores = score_sequences(rm, batch)  # [2b]
+        chosen, rejected = scores.chunk(2)  # [b], [b]
+        per_pair, correct = losses.bradley_terry_loss(chosen, rejected, center_coef=c.center_coef)
+        return per_pair.mean(), {
+            "rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
+            "rewards/margins": (chosen - rejected).mean().item(), "rewards/accuracies": correct.mean().item(),
+        }, int(batch.attention_mask.sum())
+
+    def plan(step: int) -> train.Plan:
+        rows = [train_pairs[i] for i in train.batch_indices(len(train_pairs), c.batch_size, step, cfg.seed)]
+        return train.Plan([[train.Micro(partial(micro, part), share)
+                            for part, share in train.micro_batches(rows, c.micro_batch_size)]])
 
     with tracking.stage_run("reward", params={"seed": cfg.seed, **c.model_dump()}, deps=[init, pref_file]) as tr:
-        log = train.StepLog(tr, c.steps, c.log_every, "reward", start, rows)
-        rm.train()
-        for step in range(start, c.steps):
-            idx = train.batch_indices(len(train_pairs), c.batch_size, step, cfg.seed)
-            batch = data.collate_pairs([train_pairs[i] for i in idx], tok.pad_token_id).to(device)
-            with models.autocast(device):
-                scores = score_sequences(rm, batch)  # [2B]
-            chosen, rejected = scores.chunk(2)  # [B], [B]
-            per_pair, correct = losses.bradley_terry_loss(chosen, rejected, center_coef=c.center_coef)
-            loss = per_pair.mean()
-            lr = train.lr_at(step, c, c.steps)
-            grad_norm = guard(loss, lr)
-            log.step(step + 1, {
-                "train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm,
-                "rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
-                "rewards/margins": (chosen - rejected).mean().item(), "rewards/accuracies": correct.mean().item(),
-            }, tokens=int(batch.attention_mask.sum()))
-            ckpt.maybe_save(step + 1, c.checkpoint_every, c.steps, rm, opt, log.rows)
-        log.close()
-
+        run = train.fit("reward", rm, c, cfg.seed, tr, [pref_file, init], plan, steps=c.steps, device=device, t0=t0)
         accuracy, margin, _ = evaluate_pairs(rm, heldout, tok.pad_token_id, c.batch_size)
         if accuracy < c.min_accuracy:
             raise stage.StageFailed(f"reward: held-out pairwise accuracy {accuracy:.3f} is below reward.min_accuracy "
@@ -83,13 +77,13 @@ def main(argv=None) -> str:
         raw_mean, raw_std = float(train_scores.mean()), float(train_scores.std().clamp(min=1e-6))
         rm.config.reward_mean, rm.config.reward_std = raw_mean, raw_std  # read back by score_sequences
         metrics = {
-            **log.last(), "reward/heldout_accuracy": accuracy, "reward/heldout_margin": margin / raw_std,
+            **run.metrics, "reward/heldout_accuracy": accuracy, "reward/heldout_margin": margin / raw_std,
             "reward/train_accuracy": train_acc, "reward/raw_mean": raw_mean, "reward/raw_std": raw_std,
-            "reward/n_heldout": len(heldout), "train/skipped_steps": guard.skipped,
-            "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device),
+            "reward/n_heldout": len(heldout),
+            "cost/wall_s": time.perf_counter() - t0 + run.prior_s, "cost/peak_mem_mb": models.peak_mem_mb(device),
         }
-        stage.write_trained(rm, tok, args.out, args.metrics, metrics, args.plots, log.rows, tr, c.steps)
-    ckpt.clear()
+        stage.write_trained(rm, tok, args.out, args.metrics, metrics, args.plots, run.rows, tr, c.steps)
+    run.checkpoint.clear()
     return (f"reward: {c.steps} steps on {len(train_pairs)} pairs, held-out accuracy {accuracy:.3f} "
             f"({len(heldout)} pairs) → {args.out}")
 

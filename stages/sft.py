@@ -11,6 +11,7 @@ batches the interrupted one would have.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 from stages.core import config, data, evaluation, io, losses, models, stage, tracking, train
 from stages.core.logprobs import token_logps
@@ -30,39 +31,31 @@ def main(argv=None) -> str:
     probe = io.read_jsonl(args.probe)[:c.probe_size]
     probe_len = c.probe_max_new_tokens or max(len(e[1]) for e in examples) + 1
     model = models.load_causal_lm(args.base, device)
-    opt = train.make_optimizer(model.parameters(), c, fused=not models.exact(device))
-    guard = train.GuardedStep(model.parameters(), opt, c.max_grad_norm)
-    ckpt = train.Checkpoint("sft", {"seed": cfg.seed, **c.model_dump()}, [sft_file, args.base])
-    start, rows, _ = ckpt.resume(model, opt)
-    probe_at = train.probe_steps(c.steps, c.probes)
+
+    def micro(idx: list[int]):
+        batch = data.collate([examples[i][0] for i in idx], [examples[i][1] for i in idx], tok.pad_token_id).to(device)
+        with models.autocast(device):
+            logps = token_logps(model, batch)  # [b, C]
+        return losses.sft_loss(logps, batch.completion_mask), {}, int(batch.attention_mask.sum())
+
+    def plan(step: int) -> train.Plan:
+        idx = train.batch_indices(len(examples), c.batch_size, step, cfg.seed)
+        units = [len(examples[i][1]) for i in idx]  # the loss is a mean over completion tokens
+        return train.Plan([[train.Micro(partial(micro, part), share)
+                            for part, share in train.micro_batches(idx, c.micro_batch_size, units)]])
+
+    def probe_fn() -> dict:
+        return {"probe/accuracy": evaluation.probe_accuracy(model, tok, probe, probe_len, c.batch_size, cfg.verifier)}
 
     with tracking.stage_run("sft", params={"seed": cfg.seed, **c.model_dump()}, deps=[args.base, sft_file]) as tr:
-        log = train.StepLog(tr, c.steps, c.log_every, "sft", start, rows)
-        model.train()
-        for step in range(start, c.steps):
-            idx = train.batch_indices(len(examples), c.batch_size, step, cfg.seed)
-            batch = data.collate([examples[i][0] for i in idx], [examples[i][1] for i in idx],
-                                 tok.pad_token_id).to(device)
-            with models.autocast(device):
-                logps = token_logps(model, batch)  # [B, C]
-            loss = losses.sft_loss(logps, batch.completion_mask)
-            lr = train.lr_at(step, c, c.steps)
-            grad_norm = guard(loss, lr)
-            metrics = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm}
-            if step + 1 in probe_at:
-                metrics["probe/accuracy"] = evaluation.probe_accuracy(model, tok, probe, probe_len, c.batch_size,
-                                                                          cfg.verifier)
-            log.step(step + 1, metrics, tokens=int(batch.attention_mask.sum()))
-            ckpt.maybe_save(step + 1, c.checkpoint_every, c.steps, model, opt, log.rows)
-        log.close()
-
+        run = train.fit("sft", model, c, cfg.seed, tr, [sft_file, args.base], plan, steps=c.steps, device=device,
+                        t0=t0, probe=probe_fn)
         metrics = {
-            **log.last(), "train/skipped_steps": guard.skipped,
-            "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device),
-            "cost/models_in_memory": 1, "cost/tokens_generated": 0,
+            **run.metrics, "cost/wall_s": time.perf_counter() - t0 + run.prior_s,
+            "cost/peak_mem_mb": models.peak_mem_mb(device), "cost/models_in_memory": 1, "cost/tokens_generated": 0,
         }
-        stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, log.rows, tr, c.steps)
-    ckpt.clear()
+        stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, run.rows, tr, c.steps)
+    run.checkpoint.clear()
     return (f"sft: {c.steps} steps on {len(examples)} examples, final loss {metrics['train/loss']:.4f}, "
             f"probe accuracy {metrics.get('probe/accuracy', float('nan')):.3f}, "
             f"{metrics.get('perf/tokens_per_sec', 0):.0f} tokens/s → {args.out}")

@@ -117,6 +117,23 @@ class VerifierConfig(Section):
 
 # ---------------------------------------------------------------------------------------------- training
 
+class LoraConfig(Section):
+    """LoRA adapters through peft (Hu et al. 2021) instead of training every weight."""
+
+    r: int = Field(0, ge=0)
+    """Rank of the adapters; 0: no LoRA, every weight is trained."""
+    alpha: float = Field(0.0, ge=0.0)
+    """Scaling numerator (the update is alpha/r · BA); 0: 2·r (LLaMA-Factory's default)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input."""
+    target_modules: list[str] = ["all-linear"]
+    """Modules that get adapters: `all-linear` (every linear layer but the output head, as peft and
+    TRL mean it) or module names such as q_proj, v_proj."""
+    output: Literal["merged", "adapter"] = "merged"
+    """What the stage writes for the next one: merged (base + adapter folded into plain weights, a normal
+    checkpoint), or adapter (the adapter alone, with its base recorded; the reader merges it on load)."""
+
+
 class OptimConfig(Section):
     lr: float = Field(1.0e-3, gt=0, le=1.0)
     """Peak learning rate (AdamW)."""
@@ -134,6 +151,17 @@ class OptimConfig(Section):
     """Steps between logged metrics."""
     checkpoint_every: int = Field(200, ge=1)
     """Steps between resumable checkpoints."""
+    micro_batch_size: int = Field(0, ge=0)
+    """Rows per forward and backward pass: a step's batch is split into micro-batches of this size whose
+    gradients add up to the whole batch's before the update (gradient accumulation; 0: the whole batch
+    at once). Rows are examples (sft, kto), pairs (reward, dpo, ipo) or sequences (grpo, rloo, ppo)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of storing them: memory for time."""
+    logprob_chunk: int = Field(0, ge=0)
+    """Completion positions whose vocabulary log-softmax is computed at once in training (and recomputed
+    in the backward pass), so a long completion never holds [batch, length, vocab] logits; 0: all at once."""
+    lora: LoraConfig = LoraConfig()
+    """Train LoRA adapters instead of every weight (lora.r > 0)."""
 
 
 class PolicyConfig(OptimConfig):

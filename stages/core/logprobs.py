@@ -71,8 +71,14 @@ def completion_logits(model, seqs: Sequences) -> torch.Tensor:
     return out.logits[:, :-1]  # [B, C, V]
 
 
-def token_logps(model, seqs: Sequences, temperature: float = 1.0, with_entropy: bool = False):
-    """Per-token log-probs of the completion tokens, 0 on padding.  → [B, C] (and entropy [B, C])."""
+def token_logps(model, seqs: Sequences, temperature: float = 1.0, with_entropy: bool = False, chunk: int = 0):
+    """Per-token log-probs of the completion tokens, 0 on padding.  → [B, C] (and entropy [B, C]).
+
+    chunk > 0: the output head and log-softmax run over `chunk` completion positions at a time and are
+    recomputed in the backward pass, so at most [B, chunk, V] logits exist at once (a long completion
+    with a 150k vocabulary would otherwise hold B·C·V floats, twice). Same values as chunk = 0."""
+    if chunk and chunk < seqs.input_ids.shape[1] - seqs.prompt_len:
+        return _chunked_token_logps(model, seqs, temperature, with_entropy, chunk)
     logits = completion_logits(model, seqs)  # [B, C, V]
     if temperature != 1.0:
         logits = logits / temperature
@@ -81,6 +87,38 @@ def token_logps(model, seqs: Sequences, temperature: float = 1.0, with_entropy: 
     if not with_entropy:
         return logps
     return logps, entropy_from_logits(logits.detach()) * mask
+
+
+def _chunked_token_logps(model, seqs: Sequences, temperature: float, with_entropy: bool, chunk: int):
+    from torch.utils.checkpoint import checkpoint
+
+    n_completion = seqs.input_ids.shape[1] - seqs.prompt_len
+    hidden = model.get_decoder()(
+        input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
+        position_ids=position_ids(seqs.attention_mask), use_cache=False,
+    ).last_hidden_state[:, seqs.prompt_len - 1:seqs.prompt_len - 1 + n_completion]  # [B, C, H]
+    head = model.get_output_embeddings()
+
+    def logits_of(h: torch.Tensor) -> torch.Tensor:
+        logits = head(h)
+        return logits / temperature if temperature != 1.0 else logits
+
+    def piece(h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return selective_log_softmax(logits_of(h), ids)
+
+    logps, entropy = [], []
+    ids = seqs.completion_ids
+    for i in range(0, n_completion, chunk):
+        h = hidden[:, i:i + chunk]
+        logps.append(checkpoint(piece, h, ids[:, i:i + chunk], use_reentrant=False) if torch.is_grad_enabled()
+                     else piece(h, ids[:, i:i + chunk]))
+        if with_entropy:
+            with torch.no_grad():
+                entropy.append(entropy_from_logits(logits_of(h.detach())))
+    mask = seqs.completion_mask
+    if not with_entropy:
+        return torch.cat(logps, 1) * mask
+    return torch.cat(logps, 1) * mask, torch.cat(entropy, 1) * mask
 
 
 @torch.no_grad()

@@ -165,6 +165,20 @@ def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
+def token_units(mask: torch.Tensor, loss_type: str) -> list[float] | None:
+    """What each sequence counts for in aggregate_tokens's mean, so that micro-batches weighted by their
+    share of these units add up to the whole batch's loss: tokens (bnpo), sequences with tokens (grpo),
+    sequences (dr_grpo); None for dapo, already divided by the whole generation batch's tokens.  [B, C] → [B]"""
+    lengths = mask.sum(-1)
+    if loss_type == "bnpo":
+        return lengths.tolist()
+    if loss_type == "grpo":
+        return (lengths > 0).float().tolist()
+    if loss_type == "dr_grpo":
+        return [1.0] * len(lengths)
+    return None
+
+
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
               loss_type: str, max_completion_length: int | None = None, batch_tokens: float | None = None):

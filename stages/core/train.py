@@ -15,7 +15,9 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -52,9 +54,46 @@ def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> list[in
     return perm[k * batch_size:(k + 1) * batch_size].tolist()
 
 
+@dataclass
+class Micro:
+    """One forward and backward of an optimizer update. `loss()` → (loss, stats, tokens processed),
+    the loss averaged over this micro-batch's own units (tokens, sequences or pairs, as the method's
+    loss averages); `share` is this micro-batch's part of the update's units, so that Σ share·loss is
+    the loss of the whole batch however it is split (micro_batches)."""
+
+    loss: Callable[[], tuple[torch.Tensor, dict, int]]
+    share: float = 1.0
+
+
+@dataclass
+class Plan:
+    """What one training step does: its optimizer updates, each a list of micro-batches whose gradients
+    add up before the update, and metrics of its own (an online step's rollout)."""
+
+    updates: list[list[Micro]]
+    metrics: dict = field(default_factory=dict)
+    gen_seconds: float = 0.0
+    """Wall time the step spent generating (online methods)."""
+    generated: int = 0
+    """Completion tokens the step generated."""
+
+
+def micro_batches(rows: list, micro_batch_size: int, units: list[float] | None = None) -> list[tuple[list, float]]:
+    """Split a batch's rows into micro-batches of at most `micro_batch_size` (0: one) → [(rows, share)],
+    share = the micro-batch's units / the batch's (units per row: 1 each when None)."""
+    size = micro_batch_size or len(rows) or 1
+    units = [1.0] * len(rows) if units is None else units
+    total = float(sum(units))
+    parts = []
+    for i in range(0, len(rows), size):
+        u = float(sum(units[i:i + size]))
+        parts.append((rows[i:i + size], u / total if total else (len(rows[i:i + size]) / len(rows))))
+    return parts
+
+
 class GuardedStep:
-    """Clip, check, step. A non-finite loss or gradient skips the update (the gradients are dropped,
-    not applied) and is counted; `max_skips` in a row stops the stage."""
+    """Accumulate, clip, check, step. A non-finite loss or gradient skips the update (the gradients are
+    dropped, not applied) and is counted; `max_skips` in a row stops the stage."""
 
     def __init__(self, model_params, optimizer, max_grad_norm: float, max_skips: int = 10):
         self.params = [p for p in model_params if p.requires_grad]
@@ -64,19 +103,34 @@ class GuardedStep:
         self.skipped = 0
         self._in_a_row = 0
 
-    def __call__(self, loss: torch.Tensor, lr: float) -> float:
+    def update(self, micros: list[Micro], lr: float) -> tuple[float, float, dict, int]:
+        """One optimizer update from the summed gradients of its micro-batches → (loss, grad norm (NaN when
+        skipped), stats averaged over the micro-batches by share, tokens)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if not torch.isfinite(loss):
-            return self._skip("loss")
-        loss.backward()
+        total, stats, weights, tokens = 0.0, {}, {}, 0
+        for m in micros:
+            loss, st, n = m.loss()
+            if not torch.isfinite(loss):
+                return float("nan"), self._skip("loss"), {}, tokens + n
+            (loss * m.share if m.share != 1.0 else loss).backward()
+            total += m.share * loss.item()
+            tokens += n
+            for k, v in st.items():
+                if v is not None and not k.startswith("_"):  # _name: for the method's own checks
+                    stats[k] = stats.get(k, 0.0) + m.share * float(v)
+                    weights[k] = weights.get(k, 0.0) + m.share
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         if not math.isfinite(grad_norm):
-            return self._skip("gradient")
+            return total, self._skip("gradient"), {}, tokens
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._in_a_row = 0
-        return grad_norm
+        return total, grad_norm, {k: v / weights[k] for k, v in stats.items() if weights[k]}, tokens
+
+    def __call__(self, loss: torch.Tensor, lr: float) -> float:
+        """An update from one precomputed loss → grad norm."""
+        return self.update([Micro(lambda: (loss, {}, 0))], lr)[1]
 
     def _skip(self, what: str) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -160,14 +214,16 @@ def probe_steps(total: int, probes: int) -> set[int]:
 class StepLog:
     """Per-step metrics → the tracker (every `every` steps), rows for the DVC plot csv, a progress bar."""
 
-    def __init__(self, tracker, total: int, every: int, desc: str, start: int = 0, rows: list[dict] | None = None):
+    def __init__(self, tracker, total: int, every: int, desc: str, start: int = 0, rows: list[dict] | None = None,
+                 tokens: int = 0, seconds: float = 0.0):
+        """tokens, seconds: processed and spent before a resume, so throughput counts the whole run."""
         from tqdm.auto import tqdm
 
         self.tracker, self.every = tracker, every
         self.rows: list[dict] = rows or []
         self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, mininterval=1.0)
-        self.t0 = time.perf_counter()
-        self.tokens = 0
+        self.t0 = time.perf_counter() - seconds
+        self.tokens = tokens
 
     def step(self, step: int, metrics: dict, tokens: int = 0) -> None:
         """Record a 1-based step's metrics; tokens processed feed perf/tokens_per_sec."""
@@ -195,3 +251,77 @@ class StepLog:
 
     def close(self) -> None:
         self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+@dataclass
+class Run:
+    """A finished training loop: final metrics, logged rows, and the checkpoint, which the stage clears
+    once its outputs are written (a crash while writing them still resumes)."""
+
+    metrics: dict
+    rows: list[dict]
+    checkpoint: Checkpoint
+    prior_s: float
+    """Wall seconds of the segments before a resume: a stage's cost/wall_s adds them."""
+
+
+def fit(name: str, model, c, seed: int, tracker, inputs: list, plan: Callable[[int], Plan], *, steps: int,
+        device, t0: float, probe: Callable[[], dict] | None = None, state: Callable[[], dict] | None = None,
+        restore: Callable[[dict], None] | None = None) -> Run:
+    """The training loop every stage runs: `steps` steps of `plan(step)` (0-based) on `model` with the
+    optimizer, schedule, clipping and non-finite guard of section `c`; resume from a matching checkpoint
+    in .checkpoints/<name> (fingerprint: seed, `c` and the `inputs` files); `probe()` at c.probes steps;
+    per-step metrics (each update's stats averaged over its micro-batches, then over the step's updates)
+    to `tracker` and the rows of the plot csv; a checkpoint every c.checkpoint_every steps with
+    `state()` (the method's own state: RNG, counters), given back to `restore` on resume. t0: when the
+    stage started (perf_counter), so that cost figures add up across resumes."""
+    from .models import exact
+
+    opt = make_optimizer(model.parameters(), c, fused=not exact(device))
+    guard = GuardedStep(model.parameters(), opt, c.max_grad_norm)
+    ckpt = Checkpoint(name, {"seed": seed, **c.model_dump()}, inputs)
+    start, logged, extra = ckpt.resume(model, opt)
+    if restore is not None and extra:
+        restore(extra)
+    prior_s = extra.get("elapsed_s", 0.0)
+    probe_at = probe_steps(steps, c.probes) if probe is not None else set()
+    log = StepLog(tracker, steps, c.log_every, name.replace("align-", "align@"), start, logged,
+                  *extra.get("log", (0, 0.0)))
+    gen = {"gen_seconds": 0.0, "step_seconds": 0.0, "generated": 0, **extra.get("gen", {})}
+    for step in range(start, steps):
+        t_step = time.perf_counter()
+        p = plan(step)
+        lr = lr_at(step, c, steps)
+        model.train()
+        done = [guard.update(micros, lr) for micros in p.updates]  # [(loss, grad norm, stats, tokens)]
+        metrics = {"train/loss": _mean([d[0] for d in done]), "train/lr": lr,
+                   "train/grad_norm": _mean([d[1] for d in done])}
+        for key in dict.fromkeys(k for d in done for k in d[2]):
+            metrics[key] = _mean([d[2][key] for d in done if key in d[2]])
+        metrics.update(p.metrics)
+        if p.generated:
+            step_seconds = time.perf_counter() - t_step
+            metrics.update({"perf/gen_share": p.gen_seconds / step_seconds,
+                            "perf/rollout_tokens_per_sec": p.generated / max(p.gen_seconds, 1e-9)})
+            gen = {"gen_seconds": gen["gen_seconds"] + p.gen_seconds,
+                   "step_seconds": gen["step_seconds"] + step_seconds, "generated": gen["generated"] + p.generated}
+        if step + 1 in probe_at:
+            metrics.update(probe())
+        log.step(step + 1, metrics, tokens=sum(d[3] for d in done))
+        if (step + 1) % c.checkpoint_every == 0 and step + 1 < steps:
+            ckpt.save({"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(), "rows": log.rows,
+                       "rng": torch.get_rng_state(),
+                       "extra": {**(state() if state else {}), "elapsed_s": prior_s + time.perf_counter() - t0,
+                                 "log": (log.tokens, time.perf_counter() - log.t0), "gen": gen}})
+    log.close()
+    final = {**log.last(), "train/skipped_steps": guard.skipped, "cost/tokens_generated": gen["generated"]}
+    if gen["generated"]:  # over the whole run, not the last step
+        final.update({"perf/gen_share": gen["gen_seconds"] / max(gen["step_seconds"], 1e-9),
+                      "perf/rollout_tokens_per_sec": gen["generated"] / max(gen["gen_seconds"], 1e-9)})
+    return Run(final, log.rows, ckpt, prior_s)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -172,6 +173,10 @@ def grpo_loss(logps, b: Batch, idx, adv, c, batch_tokens):
                             c.beta, c.loss_type, c.max_new_tokens, batch_tokens)
 
 
+def grpo_units(b: Batch, idx, c) -> list[float] | None:
+    return losses.token_units(b.mask[idx], c.loss_type)
+
+
 def rloo_loss(logps, b: Batch, idx, adv, c, batch_tokens):
     mask = b.mask[idx]
     per_seq, clipped = losses.rloo_loss(sequence_logps(logps, mask), sequence_logps(old_logps(logps, b, idx), mask),
@@ -180,79 +185,67 @@ def rloo_loss(logps, b: Batch, idx, adv, c, batch_tokens):
     return losses.masked_mean(per_seq, keep), {"clipfrac": losses.masked_mean(clipped.float(), keep).item()}
 
 
+def rloo_units(b: Batch, idx, c) -> list[float]:
+    return (b.mask[idx].sum(-1) > 0).float().tolist()
+
+
+def micro_split(idx: torch.Tensor, units: list[float] | None, micro_batch_size: int) -> list[tuple]:
+    """A minibatch's rows (indices into the generation batch) as micro-batches with their shares
+    (train.micro_batches); units None: each micro-batch's loss is already normalized by the whole
+    batch (dapo), so they add up with share 1."""
+    parts = train.micro_batches(idx.tolist(), micro_batch_size, units)
+    return [(torch.tensor(part, device=idx.device), 1.0 if units is None else share) for part, share in parts]
+
+
 METHODS = {
-    "grpo": (grpo_advantages, grpo_loss, lambda c: c.beta > 0, lambda c: False),
-    "rloo": (rloo_advantages, rloo_loss, lambda c: c.beta > 0, lambda c: c.beta > 0),
+    "grpo": (grpo_advantages, grpo_loss, grpo_units, lambda c: c.beta > 0, lambda c: False),
+    "rloo": (rloo_advantages, rloo_loss, rloo_units, lambda c: c.beta > 0, lambda c: c.beta > 0),
 }
-"""method → (advantages(batch, cfg), loss(logps, batch, rows, advantages, cfg, batch_tokens), needs a reference?,
-needs the old log-probs before training? (RLOO's KL-in-reward does); a batch used for more than one update
-always needs them)."""
+"""method → (advantages(batch, cfg), loss(logps, batch, rows, advantages, cfg, batch_tokens), units(batch, rows,
+cfg): what each row counts for in the loss's mean (micro_split), needs a reference?, needs the old log-probs
+before training? (RLOO's KL-in-reward does); a batch used for more than one update always needs them)."""
 
 
-def fit(method: str, cfg, args, device, tracker):
-    """Online RL from the SFT policy → (model, tokenizer, final metrics, logged rows)."""
+def fit(method: str, cfg, args, device, tracker, t0: float):
+    """Online RL from the SFT policy → (model, tokenizer, final metrics, train.Run)."""
     c = cfg.align.method(method)
-    advantage_fn, loss_fn, needs_ref, needs_old = METHODS[method]
+    advantage_fn, loss_fn, units_fn, needs_ref, needs_old = METHODS[method]
     need_old = needs_old(c) or c.num_iterations > 1 or c.minibatches > 1
     prompts = read_prompts(args.prompts, c, cfg.verifier)
     probe = prompts[:c.probe_size]
     tok, policy, ref, rm = load_models(cfg, c, args, device, needs_ref(c))
-    opt = train.make_optimizer(policy.parameters(), c, fused=not models.exact(device))
-    guard = train.GuardedStep(policy.parameters(), opt, c.max_grad_norm)
-    ckpt = train.Checkpoint(f"align-{method}", {"seed": cfg.seed, **c.model_dump()},
-                            [args.prompts, args.sft] + ([args.reward] if rm is not None else []))
-    start, logged, extra = ckpt.resume(policy, opt)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    if "generator" in extra:
-        generator.set_state(extra["generator"])
-    probe_at = train.probe_steps(c.steps, c.probes)
-    totals = {"gen_seconds": 0.0, "step_seconds": 0.0, "tokens": 0, **extra.get("totals", {})}
     seen: list[torch.Tensor] = []  # rewards of the first steps, for check_signal
 
-    log = train.StepLog(tracker, c.steps, c.log_every, f"align@{method}", start, logged)
-    for step in range(start, c.steps):
-        t0 = time.perf_counter()
+    def micro(b: Batch, idx, adv, batch_tokens: float, first: bool):
+        with models.autocast(device):
+            logps, entropy = token_logps(policy, b.seqs.select(idx), c.temperature, with_entropy=True,
+                                         chunk=c.logprob_chunk)
+        stats = {"rollout/logp_gap": sampler_gap(logps, b, idx, strict=models.exact(device))} if first else {}
+        loss, st = loss_fn(logps.float(), b, idx, adv, c, batch_tokens)
+        stats.update({"policy/clipfrac": st["clipfrac"], "policy/kl": st.get("kl"),
+                      "policy/entropy": float(losses.masked_mean(entropy, b.mask[idx]))})
+        return loss, stats, int(b.seqs.attention_mask[idx].sum())
+
+    def plan(step: int) -> train.Plan:
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
         b = collect(policy, ref, rm, tok, rows, c, generator, device, need_old, cfg.verifier)
         check_signal(seen, b, step, c, method)
         adv, adv_stats = advantage_fn(b, c)
-        lr = train.lr_at(step, c, c.steps)
-        n = len(b.seqs)
-        parts = torch.arange(n, device=device).chunk(c.minibatches)
+        parts = torch.arange(len(b.seqs), device=device).chunk(c.minibatches)
         batch_tokens = float(b.mask.sum()) / len(parts)  # dapo: tokens per optimizer step of this generation batch
-        policy.train()
-        for it in range(c.num_iterations):
-            for part, idx in enumerate(parts):
-                with models.autocast(device):
-                    logps, entropy = token_logps(policy, b.seqs.select(idx), c.temperature, with_entropy=True)
-                if it == 0 and part == 0:
-                    logp_gap = sampler_gap(logps, b, idx, strict=models.exact(device))
-                loss, stats = loss_fn(logps.float(), b, idx, adv, c, batch_tokens)
-                grad_norm = guard(loss, lr)
-        step_seconds = time.perf_counter() - t0
-        totals["gen_seconds"] += b.gen_seconds
-        totals["step_seconds"] += step_seconds
-        totals["tokens"] += b.n_tokens
-        metrics = {
-            "train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm,
-            **rollout_metrics(b, c.num_generations),
-            "policy/clipfrac": stats["clipfrac"], "policy/entropy": float(losses.masked_mean(entropy, b.mask[idx])),
-            "perf/gen_share": b.gen_seconds / step_seconds, "perf/rollout_tokens_per_sec": b.n_tokens / b.gen_seconds,
-            "rollout/logp_gap": logp_gap, **({"policy/kl": stats["kl"]} if "kl" in stats else {}), **adv_stats,
-        }
-        if step + 1 in probe_at:
-            probe_len = c.probe_max_new_tokens or c.max_new_tokens
-            metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, probe_len, c.gen_batch_size,
-                                                                  cfg.verifier)
-        log.step(step + 1, metrics, tokens=int(b.seqs.attention_mask.sum()) * c.num_iterations)
-        ckpt.maybe_save(step + 1, c.checkpoint_every, c.steps, policy, opt, log.rows,
-                        {"generator": generator.get_state(), "totals": totals})
-    log.close()
-    ckpt.clear()
-    final = {
-        **log.last(), "train/skipped_steps": guard.skipped,
-        "perf/gen_share": totals["gen_seconds"] / max(totals["step_seconds"], 1e-9),
-        "perf/rollout_tokens_per_sec": totals["tokens"] / max(totals["gen_seconds"], 1e-9),
-        "cost/models_in_memory": 1 + (ref is not None) + (rm is not None), "cost/tokens_generated": totals["tokens"],
-    }
-    return policy, tok, final, log.rows
+        updates = [[train.Micro(partial(micro, b, sub, adv, batch_tokens, it == 0 and j == 0 and k == 0), share)
+                    for k, (sub, share) in enumerate(micro_split(idx, units_fn(b, idx, c), c.micro_batch_size))]
+                   for it in range(c.num_iterations) for j, idx in enumerate(parts)]
+        return train.Plan(updates, {**rollout_metrics(b, c.num_generations), **adv_stats}, b.gen_seconds, b.n_tokens)
+
+    def probe_fn() -> dict:
+        probe_len = c.probe_max_new_tokens or c.max_new_tokens
+        return {"probe/accuracy": evaluation.probe_accuracy(policy, tok, probe, probe_len, c.gen_batch_size,
+                                                            cfg.verifier)}
+
+    run = train.fit(f"align-{method}", policy, c, cfg.seed, tracker,
+                    [args.prompts, args.sft] + ([args.reward] if rm is not None else []), plan, steps=c.steps,
+                    device=device, t0=t0, probe=probe_fn, state=lambda: {"generator": generator.get_state()},
+                    restore=lambda extra: generator.set_state(extra["generator"]))
+    return policy, tok, {**run.metrics, "cost/models_in_memory": 1 + (ref is not None) + (rm is not None)}, run

@@ -14,13 +14,21 @@ kl_target (Ziegler et al. 2019).
 
 from __future__ import annotations
 
-import time
+from functools import partial
 
 import torch
 
 from stages.core import advantages, evaluation, losses, models, train
 from stages.core.logprobs import position_ids, token_logps
-from stages.methods.online import check_signal, collect, load_models, read_prompts, rollout_metrics, sampler_gap
+from stages.methods.online import (
+    check_signal,
+    collect,
+    load_models,
+    micro_split,
+    read_prompts,
+    rollout_metrics,
+    sampler_gap,
+)
 
 
 def token_values(value_model, seqs) -> torch.Tensor:
@@ -67,81 +75,57 @@ class AdaptiveKL:
             self.coef *= 1 + error * n_samples / self.horizon
 
 
-def fit(method: str, cfg, args, device, tracker):
-    """PPO from the SFT policy → (model, tokenizer, final metrics, logged rows)."""
+def fit(method: str, cfg, args, device, tracker, t0: float):
+    """PPO from the SFT policy → (model, tokenizer, final metrics, train.Run)."""
     c = cfg.align.method(method)
     prompts = read_prompts(args.prompts, c, cfg.verifier)
     probe = prompts[:c.probe_size]
     tok, policy, ref, rm = load_models(cfg, c, args, device, needs_ref=True)
     value_model = models.disable_dropout(models.load_reward_model(args.reward, device, trainable=True))
-    params = list(policy.parameters()) + list(value_model.parameters())
-    opt = train.make_optimizer(params, c, fused=not models.exact(device))
-    guard = train.GuardedStep(params, opt, c.max_grad_norm)
-    ckpt = train.Checkpoint(f"align-{method}", {"seed": cfg.seed, **c.model_dump()},
-                            [args.prompts, args.sft, args.reward])
-    both = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # one state dict for the checkpoint
-    start, logged, extra = ckpt.resume(both, opt)
+    both = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # one optimizer, one checkpoint
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    if "generator" in extra:
-        generator.set_state(extra["generator"])
-    kl_ctl = AdaptiveKL(extra.get("kl_coef", c.kl_coef), c.kl_target, c.kl_horizon, c.adaptive_kl)
-    probe_at = train.probe_steps(c.steps, c.probes)
-    totals = {"gen_seconds": 0.0, "step_seconds": 0.0, "tokens": 0, **extra.get("totals", {})}
+    kl_ctl = AdaptiveKL(c.kl_coef, c.kl_target, c.kl_horizon, c.adaptive_kl)
     kl_fn = losses.KL_ESTIMATORS[c.kl_estimator]
     seen: list[torch.Tensor] = []  # rewards of the first steps, for check_signal
 
-    log = train.StepLog(tracker, c.steps, c.log_every, "align@ppo", start, logged)
-    for step in range(start, c.steps):
-        t0 = time.perf_counter()
+    def micro(b, targets, idx, first: bool):
+        old_values, _, adv, returns = targets
+        part, m = b.seqs.select(idx), b.mask[idx]
+        with models.autocast(device):
+            logps, entropy = token_logps(policy, part, c.temperature, with_entropy=True, chunk=c.logprob_chunk)
+            values = token_values(value_model, part)
+        stats = {"rollout/logp_gap": sampler_gap(logps, b, idx, strict=models.exact(device))} if first else {}
+        pg_loss, clipfrac = losses.ppo_policy_loss(logps.float(), b.old_logps[idx], adv[idx], m, c.epsilon)
+        vf_loss, vf_clipfrac = losses.ppo_value_loss(values, old_values[idx], returns[idx], m, c.cliprange_value)
+        stats.update({"train/pg_loss": pg_loss.item(), "train/vf_loss": vf_loss.item(), "policy/clipfrac": clipfrac,
+                      "policy/vf_clipfrac": vf_clipfrac, "policy/entropy": float(losses.masked_mean(entropy, m))})
+        return pg_loss + c.vf_coef * vf_loss, stats, int(part.attention_mask.sum())
+
+    def plan(step: int) -> train.Plan:
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
         b = collect(policy, ref, rm, tok, rows, c, generator, device, need_old=True, verifier=cfg.verifier)
         check_signal(seen, b, step, c, method)
-        mask = b.mask
-        old_values, kl, adv, returns = rollout_targets(b, value_model, kl_fn, kl_ctl.coef, c, device)
-        lr = train.lr_at(step, c, c.steps)
-        policy.train()
-        value_model.train()
-        perm = torch.randperm(len(b.seqs), generator=torch.Generator().manual_seed(cfg.seed + step))
-        for it in range(c.num_iterations):
-            for n_part, idx in enumerate(perm.to(device).chunk(c.minibatches)):
-                part, m = b.seqs.select(idx), mask[idx]
-                with models.autocast(device):
-                    logps, entropy = token_logps(policy, part, c.temperature, with_entropy=True)
-                    values = token_values(value_model, part)
-                if it == 0 and n_part == 0:
-                    logp_gap = sampler_gap(logps, b, idx, strict=models.exact(device))
-                pg_loss, clipfrac = losses.ppo_policy_loss(logps.float(), b.old_logps[idx], adv[idx], m, c.epsilon)
-                vf_loss, vf_clipfrac = losses.ppo_value_loss(values, old_values[idx], returns[idx], m,
-                                                             c.cliprange_value)
-                loss = pg_loss + c.vf_coef * vf_loss
-                grad_norm = guard(loss, lr)
+        targets = rollout_targets(b, value_model, kl_fn, kl_ctl.coef, c, device)
+        kl, mask = targets[1], b.mask
         seq_kl = float(kl.sum(-1)[mask.sum(-1) > 0].mean()) if mask.any() else 0.0  # over scored rows
-        kl_ctl.update(seq_kl, len(b.seqs))
-        step_seconds = time.perf_counter() - t0
-        totals["gen_seconds"] += b.gen_seconds
-        totals["step_seconds"] += step_seconds
-        totals["tokens"] += b.n_tokens
-        metrics = {
-            "train/loss": loss.item(), "train/pg_loss": pg_loss.item(), "train/vf_loss": vf_loss.item(),
-            "train/lr": lr, "train/grad_norm": grad_norm, **rollout_metrics(b, c.num_generations),
-            "policy/kl": seq_kl, "policy/kl_coef": kl_ctl.coef, "policy/clipfrac": clipfrac,
-            "policy/vf_clipfrac": vf_clipfrac, "policy/entropy": float(losses.masked_mean(entropy, m)),
-            "perf/gen_share": b.gen_seconds / step_seconds, "perf/rollout_tokens_per_sec": b.n_tokens / b.gen_seconds,
-            "rollout/logp_gap": logp_gap,
-        }
-        if step + 1 in probe_at:
-            probe_len = c.probe_max_new_tokens or c.max_new_tokens
-            metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, probe_len, c.gen_batch_size,
-                                                                  cfg.verifier)
-        log.step(step + 1, metrics, tokens=int(b.seqs.attention_mask.sum()) * c.num_iterations)
-        ckpt.maybe_save(step + 1, c.checkpoint_every, c.steps, both, opt, log.rows,
-                        {"generator": generator.get_state(), "totals": totals, "kl_coef": kl_ctl.coef})
-    log.close()
-    ckpt.clear()
-    final = {
-        **log.last(), "train/skipped_steps": guard.skipped,
-        "perf/gen_share": totals["gen_seconds"] / max(totals["step_seconds"], 1e-9),
-        "perf/rollout_tokens_per_sec": totals["tokens"] / max(totals["gen_seconds"], 1e-9),
-        "cost/models_in_memory": 4, "cost/tokens_generated": totals["tokens"],
-    }
-    return policy, tok, final, log.rows
+        kl_ctl.update(seq_kl, len(b.seqs))  # the next rollout's coefficient
+        perm = torch.randperm(len(b.seqs), generator=torch.Generator().manual_seed(cfg.seed + step)).to(device)
+        updates = [[train.Micro(partial(micro, b, targets, sub, it == 0 and j == 0 and k == 0), share)
+                    for k, (sub, share) in enumerate(micro_split(idx, mask[idx].sum(-1).tolist(), c.micro_batch_size))]
+                   for it in range(c.num_iterations) for j, idx in enumerate(perm.chunk(c.minibatches))]
+        return train.Plan(updates, {**rollout_metrics(b, c.num_generations), "policy/kl": seq_kl,
+                                    "policy/kl_coef": kl_ctl.coef}, b.gen_seconds, b.n_tokens)
+
+    def probe_fn() -> dict:
+        probe_len = c.probe_max_new_tokens or c.max_new_tokens
+        return {"probe/accuracy": evaluation.probe_accuracy(policy, tok, probe, probe_len, c.gen_batch_size,
+                                                            cfg.verifier)}
+
+    def restore(extra: dict) -> None:
+        generator.set_state(extra["generator"])
+        kl_ctl.coef = extra["kl_coef"]
+
+    run = train.fit(f"align-{method}", both, c, cfg.seed, tracker, [args.prompts, args.sft, args.reward], plan,
+                    steps=c.steps, device=device, t0=t0, probe=probe_fn, restore=restore,
+                    state=lambda: {"generator": generator.get_state(), "kl_coef": kl_ctl.coef})
+    return policy, tok, {**run.metrics, "cost/models_in_memory": 4}, run

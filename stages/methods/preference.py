@@ -8,6 +8,7 @@ chosen and B rejected sequences of a step as one batch of 2B through the policy.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,44 +26,64 @@ PAIR_LOSSES = {
 (losses [B], chosen rewards [B], rejected rewards [B])."""
 
 
-def pair_step(method, policy, batch: list[dict], c, pad_id: int, device):
-    """DPO/IPO on B pairs → (loss, metrics, tokens)."""
-    seqs = data.collate_pairs(batch, pad_id).to(device)  # [2B, P+C]
-    with models.autocast(device):
-        logps = sequence_logps(token_logps(policy, seqs), seqs.completion_mask)  # [2B]
-    pi_c, pi_r = logps.float().chunk(2)  # [B], [B]
-    len_c, len_r = seqs.completion_mask.sum(-1).float().chunk(2)  # [B], [B]
-    ref_c = torch.tensor([r["chosen_ref_logp"] for r in batch], device=device)  # [B]
-    ref_r = torch.tensor([r["rejected_ref_logp"] for r in batch], device=device)  # [B]
-    per_pair, r_c, r_r = PAIR_LOSSES[method](pi_c, pi_r, ref_c, ref_r, len_c, len_r, c)
-    metrics = {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
-               "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracies": (r_c > r_r).float().mean().item()}
-    return per_pair.mean(), metrics, int(seqs.attention_mask.sum()), (pi_c, ref_c)
+def pair_step(method, policy, batch: list[dict], c, pad_id: int, device) -> list[train.Micro]:
+    """DPO/IPO on B pairs, the B chosen and B rejected sequences of a micro-batch in one forward."""
+
+    def micro(rows: list[dict]):
+        seqs = data.collate_pairs(rows, pad_id).to(device)  # [2b, P+C]
+        with models.autocast(device):
+            logps = sequence_logps(token_logps(policy, seqs, chunk=c.logprob_chunk), seqs.completion_mask)  # [2b]
+        pi_c, pi_r = logps.float().chunk(2)  # [b], [b]
+        len_c, len_r = seqs.completion_mask.sum(-1).float().chunk(2)  # [b], [b]
+        ref_c = torch.tensor([r["chosen_ref_logp"] for r in rows], device=device)  # [b]
+        ref_r = torch.tensor([r["rejected_ref_logp"] for r in rows], device=device)  # [b]
+        per_pair, r_c, r_r = PAIR_LOSSES[method](pi_c, pi_r, ref_c, ref_r, len_c, len_r, c)
+        stats = {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
+                 "rewards/margins": (r_c - r_r).mean().item(),
+                 "rewards/accuracies": (r_c > r_r).float().mean().item(), "_ref_gap": _gap(pi_c, ref_c)}
+        return per_pair.mean(), stats, int(seqs.attention_mask.sum())
+
+    return [train.Micro(partial(micro, part), share) for part, share in train.micro_batches(batch, c.micro_batch_size)]
 
 
-def kto_step(method, policy, batch: list[dict], c, pad_id: int, device):
-    """KTO on B unpaired examples; z0 from each row's precomputed mismatched completion → (loss, metrics, tokens)."""
+def kto_step(method, policy, batch: list[dict], c, pad_id: int, device) -> list[train.Micro]:
+    """KTO on B unpaired examples. z0 comes from the mismatched completions of the whole batch (a
+    no-grad pass first, as it is detached), so a split into micro-batches changes nothing."""
     prompts = [r["prompt_ids"] for r in batch]
-    seqs = data.collate(prompts, [r["completion_ids"] for r in batch], pad_id).to(device)  # [B, P+C]
-    kl_seqs = data.collate(prompts, [r["kl_completion_ids"] for r in batch], pad_id).to(device)  # [B, P+C']
-    with models.autocast(device):
-        pi = sequence_logps(token_logps(policy, seqs), seqs.completion_mask).float()  # [B]
-        with torch.no_grad():  # z0 is detached: no graph for the mismatched pass (as TRL)
-            pi_kl = sequence_logps(token_logps(policy, kl_seqs), kl_seqs.completion_mask).float()  # [B]
-    ref = torch.tensor([r["ref_logp"] for r in batch], device=device)
+    pi_kl = []
+    with torch.no_grad():  # no graph for the mismatched pass (as TRL)
+        for part, _ in train.micro_batches(batch, c.micro_batch_size):
+            kl_seqs = data.collate([r["prompt_ids"] for r in part], [r["kl_completion_ids"] for r in part],
+                                   pad_id).to(device)  # [b, P+C']
+            with models.autocast(device):
+                pi_kl.append(sequence_logps(token_logps(policy, kl_seqs, chunk=c.logprob_chunk),
+                                            kl_seqs.completion_mask).float())  # [b]
+    pi_kl = torch.cat(pi_kl)  # [B]
     ref_kl = torch.tensor([r["kl_ref_logp"] for r in batch], device=device)
-    desirable = torch.tensor([bool(r["label"]) for r in batch], device=device)
-    per_row, rewards, z0 = losses.kto_loss(pi, ref, desirable, pi_kl, ref_kl, c.beta, c.desirable_weight,
-                                           c.undesirable_weight)
-    good, bad = rewards[desirable], rewards[~desirable]
-    metrics = {"policy/kl": z0.item()}
-    if len(good):
-        metrics["rewards/chosen"] = good.mean().item()
-    if len(bad):
-        metrics["rewards/rejected"] = bad.mean().item()
-    if len(good) and len(bad):
-        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    return per_row.mean(), metrics, int(seqs.attention_mask.sum() + kl_seqs.attention_mask.sum()), (pi, ref)
+    kl_tokens = sum(len(p) + len(r["kl_completion_ids"]) for p, r in zip(prompts, batch))
+
+    def micro(rows: list[dict], first: bool):
+        seqs = data.collate([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad_id).to(device)
+        with models.autocast(device):
+            pi = sequence_logps(token_logps(policy, seqs, chunk=c.logprob_chunk), seqs.completion_mask).float()  # [b]
+        ref = torch.tensor([r["ref_logp"] for r in rows], device=device)
+        desirable = torch.tensor([bool(r["label"]) for r in rows], device=device)
+        per_row, rewards, z0 = losses.kto_loss(pi, ref, desirable, pi_kl, ref_kl, c.beta, c.desirable_weight,
+                                               c.undesirable_weight)
+        good, bad = rewards[desirable], rewards[~desirable]
+        stats = {"policy/kl": z0.item(), "_ref_gap": _gap(pi, ref),
+                 "rewards/chosen": good.mean().item() if len(good) else None,
+                 "rewards/rejected": bad.mean().item() if len(bad) else None,
+                 "rewards/margins": good.mean().item() - bad.mean().item() if len(good) and len(bad) else None}
+        return per_row.mean(), stats, int(seqs.attention_mask.sum()) + (kl_tokens if first else 0)
+
+    return [train.Micro(partial(micro, part, i == 0), share)
+            for i, (part, share) in enumerate(train.micro_batches(batch, c.micro_batch_size))]
+
+
+def _gap(pi_logps: torch.Tensor, ref_logps: torch.Tensor) -> float:
+    """Largest |policy − stored reference| log-prob: before the first update they are the same model."""
+    return float((pi_logps.detach() - ref_logps).abs().max())
 
 
 def check_kto_weights(rows: list[dict], c) -> dict:
@@ -80,11 +101,12 @@ STEPS = {
     "ipo": (pair_step, "pairs.jsonl", None),
     "kto": (kto_step, "kto.jsonl", check_kto_weights),
 }
-"""method → (step function, the pairs stage's file it trains on, a check of that data or None)."""
+"""method → (step function: a batch → its micro-batches, the pairs stage's file it trains on, a check of that data
+or None)."""
 
 
-def fit(method: str, cfg, args, device, tracker):
-    """Train the SFT policy on the stored pairs → (model, tokenizer, final metrics, logged rows)."""
+def fit(method: str, cfg, args, device, tracker, t0: float):
+    """Train the SFT policy on the stored pairs → (model, tokenizer, final metrics, train.Run)."""
     c = cfg.align.method(method)
     step_fn, data_file, check_data = STEPS[method]
     rows = io.read_jsonl(Path(args.pairs) / data_file)
@@ -93,45 +115,36 @@ def fit(method: str, cfg, args, device, tracker):
     steps = c.epochs * max(1, len(rows) // c.batch_size) if c.epochs else c.steps  # whole batches, as batch_indices
     final = {"train/examples": len(rows), "cost/models_in_memory": 1, "cost/tokens_generated": 0,
              **(check_data(rows, c) if check_data else {})}
-
     tok = models.load_tokenizer(args.sft)
     policy = models.disable_dropout(models.load_causal_lm(args.sft, device))
-    opt = train.make_optimizer(policy.parameters(), c, fused=not models.exact(device))
-    guard = train.GuardedStep(policy.parameters(), opt, c.max_grad_norm)
-    ckpt = train.Checkpoint(f"align-{method}", {"seed": cfg.seed, **c.model_dump()},
-                            [Path(args.pairs) / data_file, args.sft])
-    start, logged, _ = ckpt.resume(policy, opt)
-    probe_at = train.probe_steps(steps, c.probes)
 
-    log = train.StepLog(tracker, steps, c.log_every, f"align@{method}", start, logged)
-    policy.train()
-    for step in range(start, steps):
+    def plan(step: int) -> train.Plan:
         batch = [rows[i] for i in train.batch_indices(len(rows), c.batch_size, step, cfg.seed)]
-        loss, metrics, tokens, (pi, ref) = step_fn(method, policy, batch, c, tok.pad_token_id, device)
-        if step == 0:
-            check_reference(pi, ref, strict=models.exact(device))
-        lr = train.lr_at(step, c, steps)
-        grad_norm = guard(loss, lr)
-        metrics.update({"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm})
-        if step + 1 in probe_at:
-            metrics["probe/accuracy"] = evaluation.probe_accuracy(policy, tok, probe, probe_len, c.batch_size,
-                                                                  cfg.verifier)
-        log.step(step + 1, metrics, tokens=tokens)
-        ckpt.maybe_save(step + 1, c.checkpoint_every, steps, policy, opt, log.rows)
-    log.close()
-    ckpt.clear()
-    return policy, tok, {**log.last(), **final, "train/skipped_steps": guard.skipped}, log.rows
+        micros = step_fn(method, policy, batch, c, tok.pad_token_id, device)
+        if step == 0:  # before any update the policy is the reference: check the stored log-probs
+            micros[0] = train.Micro(partial(check_reference, micros[0].loss, strict=models.exact(device)),
+                                    micros[0].share)
+        return train.Plan([micros])
+
+    def probe_fn() -> dict:
+        return {"probe/accuracy": evaluation.probe_accuracy(policy, tok, probe, probe_len, c.batch_size, cfg.verifier)}
+
+    run = train.fit(f"align-{method}", policy, c, cfg.seed, tracker, [Path(args.pairs) / data_file, args.sft], plan,
+                    steps=steps, device=device, t0=t0, probe=probe_fn)
+    return policy, tok, {**run.metrics, **final}, run
 
 
-def check_reference(pi_logps: torch.Tensor, ref_logps: torch.Tensor, strict: bool, tol: float = 1e-3) -> None:
-    """Before any update the policy is the reference: stored log-probs that disagree mean the pairs
-    were made with another model or tokenizer, and every implicit reward would be off. In fp32 the
-    two agree to ~1e-6 and a gap is an error; under bf16 autocast batch composition alone moves them,
-    so a gap is only reported."""
-    gap = float((pi_logps.detach() - ref_logps).abs().max())
+def check_reference(loss_fn, strict: bool, tol: float = 1e-3):
+    """Run the first micro-batch's loss and check its `_ref_gap`: stored reference log-probs that
+    disagree with the SFT policy's mean the pairs were made with another model or tokenizer, and
+    every implicit reward would be off. In fp32 the two agree to ~1e-6 and a gap is an error; under
+    bf16 autocast batch composition alone moves them, so a gap is only reported."""
+    loss, stats, tokens = loss_fn()
+    gap = stats["_ref_gap"]
     if gap > tol:
         msg = (f"stored reference log-probs differ from the SFT policy's by up to {gap:.3g} nats; "
                "were the pairs made from another SFT model?")
         if strict:
             raise RuntimeError(msg)
         print(f"warning: {msg}")
+    return loss, stats, tokens
