@@ -36,7 +36,7 @@ def main(argv=None) -> str:
         metrics = {**metrics, "cost/wall_s": time.perf_counter() - t0 + run.prior_s,
                    "cost/peak_mem_mb": models.peak_mem_mb(device)}
         stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, run.rows, tr,
-                            run.rows[-1]["step"] if run.rows else 0)
+                            run.rows[-1]["step"] if run.rows else 0, mcfg)
     run.checkpoint.clear()
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("train/loss", "probe/accuracy") if k in metrics)
     return f"align@{args.method}: {shown}, {metrics['cost/wall_s']:.0f}s → {args.out}"

@@ -48,7 +48,8 @@ def main(argv=None) -> str:
     if not train_pairs:
         raise config.ConfigError(f"reward.heldout_fraction: leaves no training pairs of {len(pairs)}")
     tok = models.load_tokenizer(init)
-    rm = models.load_reward_model(init, device, trainable=True, pad_token_id=tok.pad_token_id)
+    rm = models.for_training(models.load_reward_model(init, device, trainable=True, pad_token_id=tok.pad_token_id), c,
+                             task="SEQ_CLS")
 
     def micro(rows: list[dict]):
         batch = data.collate_pairs(rows, tok.pad_token_id).to(device)
@@ -82,7 +83,7 @@ def main(argv=None) -> str:
             "reward/n_heldout": len(heldout),
             "cost/wall_s": time.perf_counter() - t0 + run.prior_s, "cost/peak_mem_mb": models.peak_mem_mb(device),
         }
-        stage.write_trained(rm, tok, args.out, args.metrics, metrics, args.plots, run.rows, tr, c.steps)
+        stage.write_trained(rm, tok, args.out, args.metrics, metrics, args.plots, run.rows, tr, c.steps, c)
     run.checkpoint.clear()
     return (f"reward: {c.steps} steps on {len(train_pairs)} pairs, held-out accuracy {accuracy:.3f} "
             f"({len(heldout)} pairs) → {args.out}")

@@ -30,7 +30,7 @@ def main(argv=None) -> str:
     examples = [(r["prompt_ids"], r["completion_ids"]) for r in io.read_jsonl(sft_file)]
     probe = io.read_jsonl(args.probe)[:c.probe_size]
     probe_len = c.probe_max_new_tokens or max(len(e[1]) for e in examples) + 1
-    model = models.load_causal_lm(args.base, device)
+    model = models.for_training(models.load_causal_lm(args.base, device), c)
 
     def micro(idx: list[int]):
         batch = data.collate([examples[i][0] for i in idx], [examples[i][1] for i in idx], tok.pad_token_id).to(device)
@@ -54,7 +54,7 @@ def main(argv=None) -> str:
             **run.metrics, "cost/wall_s": time.perf_counter() - t0 + run.prior_s,
             "cost/peak_mem_mb": models.peak_mem_mb(device), "cost/models_in_memory": 1, "cost/tokens_generated": 0,
         }
-        stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, run.rows, tr, c.steps)
+        stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, run.rows, tr, c.steps, c)
     run.checkpoint.clear()
     return (f"sft: {c.steps} steps on {len(examples)} examples, final loss {metrics['train/loss']:.4f}, "
             f"probe accuracy {metrics.get('probe/accuracy', float('nan')):.3f}, "

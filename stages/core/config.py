@@ -202,9 +202,10 @@ class RewardConfig(OptimConfig):
 
 
 class RewardWeights(Section):
-    """A weighted mix of rewards. A reward that cannot be computed for a row is excluded, not 0."""
+    """A weighted mix of rewards. A reward that cannot be computed for a row is excluded, not 0. A weight
+    not written is 0: `reward: {verifier: 1.0}` is the verifier alone, whatever the section's default mix."""
 
-    reward_model: float = Field(1.0, ge=0.0)
+    reward_model: float = Field(0.0, ge=0.0)
     """Weight of the reward-model score."""
     verifier: float = Field(0.0, ge=0.0)
     """Weight of the verifier (1 if the answer checks, 0 if not; None if it cannot run)."""

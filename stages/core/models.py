@@ -158,13 +158,82 @@ def stop_ids(tok) -> list[int]:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def save(model, tok, out: str | Path, dtype: torch.dtype = torch.float32) -> None:
+def save(model, tok, out: str | Path, dtype: torch.dtype = torch.float32, adapter_only: bool = False) -> None:
     """save_pretrained of the model in `dtype` and its tokenizer. Trained models are saved in float32: a
     fine-tuning step moves a weight by less than bf16's resolution, so a bf16 copy loses the training
     (measured on SmolLM2-135M after 10 DPO steps at lr 5e-6: 2.6% of the weights change at all in bf16,
-    and the bf16 delta is off from the true one by 97% of its norm)."""
+    and the bf16 delta is off from the true one by 97% of its norm). A LoRA model is merged (base +
+    adapter folded into plain weights) unless adapter_only: then the adapter alone, with the model's
+    config (a reward model's score statistics live there), and its base recorded in adapter_config.json."""
+    if is_lora(model):
+        if adapter_only:
+            model.save_pretrained(out)
+            model.config.save_pretrained(out)
+            tok.save_pretrained(out)
+            return
+        model = model.merge_and_unload()
     model.to(dtype).save_pretrained(out)
     tok.save_pretrained(out)
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def backbone(model):
+    """The transformer body (LlamaModel, …) under a *ForSequenceClassification head, LoRA-wrapped or not
+    (a peft model's own `base_model` is its LoRA wrapper)."""
+    return (model.get_base_model() if is_lora(model) else model).base_model
+
+
+def for_training(model, c, task: str = "CAUSAL_LM"):
+    """The model a stage trains, as its params section `c` says: gradient checkpointing (activations
+    recomputed in the backward pass) and LoRA adapters through peft (c.lora.r > 0: only the adapters,
+    and a reward or value model's score head, are trained)."""
+    if c.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not c.lora.r:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = c.lora
+    target = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    try:
+        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha or 2 * lora.r,
+                                                lora_dropout=lora.dropout, target_modules=target, task_type=task))
+    except ValueError as e:  # target modules not found in the model
+        raise ConfigError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+class AdapterOff(torch.nn.Module):
+    """The reference model of a LoRA policy: the policy itself with its adapter disabled, so no second
+    copy of the weights is held."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.__dict__["policy"] = policy  # not a submodule: its weights are the policy's
+
+    def forward(self, *args, **kwargs):
+        with self.policy.disable_adapter():
+            return self.policy(*args, **kwargs)
+
+
+def _from_pretrained(auto, path: str, **kwargs):
+    """auto.from_pretrained in float32; a directory holding a LoRA adapter alone loads its base and merges it."""
+    if (Path(path) / "adapter_config.json").exists():
+        import peft
+
+        peft_auto = {"AutoModelForCausalLM": peft.AutoPeftModelForCausalLM,
+                     "AutoModelForSequenceClassification": peft.AutoPeftModelForSequenceClassification}[auto.__name__]
+        model = peft_auto.from_pretrained(path, dtype=torch.float32, **kwargs).merge_and_unload()
+        from transformers import AutoConfig
+
+        saved = AutoConfig.from_pretrained(path).to_dict()  # what the trained model's config held
+        for key in ("reward_mean", "reward_std"):
+            if key in saved:
+                setattr(model.config, key, saved[key])
+        return model
+    return auto.from_pretrained(path, dtype=torch.float32, **kwargs)
 
 
 def load_causal_lm(path: str, device: torch.device, trainable: bool = True):
@@ -172,7 +241,7 @@ def load_causal_lm(path: str, device: torch.device, trainable: bool = True):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        model = _from_pretrained(AutoModelForCausalLM, path).to(device)
     except (OSError, ValueError, RuntimeError) as e:  # a truncated or corrupt weights file, a bad config
         raise ConfigError(f"{path}: could not load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     model.train(trainable)
@@ -196,7 +265,7 @@ def load_reward_model(path: str, device: torch.device, trainable: bool = False, 
     """AutoModelForSequenceClassification with one label: the HF convention for a scalar reward model."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32).to(device)
+    model = _from_pretrained(AutoModelForSequenceClassification, path, num_labels=1).to(device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     model.train(trainable)

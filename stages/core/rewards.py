@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import answers
+from . import answers, models
 from .config import ConfigError
 from .logprobs import Sequences, position_ids
 
@@ -97,7 +97,7 @@ def score_sequences(rm, seqs: Sequences) -> torch.Tensor:
     Pooling by attention mask (not by searching for pad ids) stays right when pad == EOS. Works for
     the HF *ForSequenceClassification models that expose `base_model` and a `score` head.
     """
-    hidden = rm.base_model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
+    hidden = models.backbone(rm)(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
                            position_ids=position_ids(seqs.attention_mask)).last_hidden_state  # [N, T, H]
     last = last_token_index(seqs.attention_mask)  # [N]
     pooled = hidden[torch.arange(len(seqs), device=hidden.device), last]  # [N, H]

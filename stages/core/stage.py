@@ -27,11 +27,12 @@ def parser(description: str, *paths: str) -> argparse.ArgumentParser:
 
 
 def write_trained(model, tok, out: str, metrics_path: str, metrics: dict, plots_path: str, rows: list[dict],
-                  tracker, step: int) -> None:
+                  tracker, step: int, c=None) -> None:
     """A training stage's outputs, each written atomically (the model directory with its tokenizer, in
-    float32: models.save says why; the metrics json, the per-step plot csv), and its final metrics to MLflow."""
+    float32: models.save says why; a LoRA model merged, or its adapter alone when c.lora.output says so;
+    the metrics json, the per-step plot csv), and its final metrics to MLflow."""
     with atomic_dir(out) as tmp:
-        models.save(model, tok, tmp)
+        models.save(model, tok, tmp, adapter_only=c is not None and c.lora.output == "adapter")
     write_json(metrics_path, metrics)
     write_csv(plots_path, rows)
     tracker.log_metrics(metrics, step=step)

@@ -60,10 +60,13 @@ def read_prompts(path: str, c, verifier) -> list[dict]:
 
 
 def load_models(cfg, c, args, device, needs_ref: bool):
-    """(tokenizer, policy, reference or None, reward model or None) for an online method."""
+    """(tokenizer, policy, reference or None, reward model or None) for an online method. With LoRA the
+    reference is the policy with its adapter disabled, not a second model."""
     tok = models.load_tokenizer(args.sft)
-    policy = models.disable_dropout(models.load_causal_lm(args.sft, device))
-    ref = models.load_causal_lm(args.sft, device, trainable=False) if needs_ref else None
+    policy = models.disable_dropout(models.for_training(models.load_causal_lm(args.sft, device), c))
+    ref = None
+    if needs_ref:
+        ref = models.AdapterOff(policy) if c.lora.r else models.load_causal_lm(args.sft, device, trainable=False)
     rm = models.load_reward_model(args.reward, device) if c.reward.reward_model > 0 else None
     return tok, policy, ref, rm
 
@@ -248,4 +251,5 @@ def fit(method: str, cfg, args, device, tracker, t0: float):
                     [args.prompts, args.sft] + ([args.reward] if rm is not None else []), plan, steps=c.steps,
                     device=device, t0=t0, probe=probe_fn, state=lambda: {"generator": generator.get_state()},
                     restore=lambda extra: generator.set_state(extra["generator"]))
-    return policy, tok, {**run.metrics, "cost/models_in_memory": 1 + (ref is not None) + (rm is not None)}, run
+    held = 1 + (ref is not None and not c.lora.r) + (rm is not None)  # a LoRA reference is the policy itself
+    return policy, tok, {**run.metrics, "cost/models_in_memory": held}, run

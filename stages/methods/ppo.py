@@ -33,7 +33,7 @@ from stages.methods.online import (
 
 def token_values(value_model, seqs) -> torch.Tensor:
     """V of the state before each completion token: the head on positions P-1 … P+C-2.  → [B, C]"""
-    hidden = value_model.base_model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
+    hidden = models.backbone(value_model)(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
                                     position_ids=position_ids(seqs.attention_mask)).last_hidden_state  # [B, T, H]
     n_completion = seqs.input_ids.shape[1] - seqs.prompt_len
     states = hidden[:, seqs.prompt_len - 1:seqs.prompt_len - 1 + n_completion]  # [B, C, H]
@@ -81,7 +81,8 @@ def fit(method: str, cfg, args, device, tracker, t0: float):
     prompts = read_prompts(args.prompts, c, cfg.verifier)
     probe = prompts[:c.probe_size]
     tok, policy, ref, rm = load_models(cfg, c, args, device, needs_ref=True)
-    value_model = models.disable_dropout(models.load_reward_model(args.reward, device, trainable=True))
+    value_model = models.load_reward_model(args.reward, device, trainable=True)
+    value_model = models.disable_dropout(models.for_training(value_model, c, task="SEQ_CLS"))
     both = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # one optimizer, one checkpoint
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     kl_ctl = AdaptiveKL(c.kl_coef, c.kl_target, c.kl_horizon, c.adaptive_kl)
@@ -128,4 +129,4 @@ def fit(method: str, cfg, args, device, tracker, t0: float):
     run = train.fit(f"align-{method}", both, c, cfg.seed, tracker, [args.prompts, args.sft, args.reward], plan,
                     steps=c.steps, device=device, t0=t0, probe=probe_fn, restore=restore,
                     state=lambda: {"generator": generator.get_state(), "kl_coef": kl_ctl.coef})
-    return policy, tok, {**run.metrics, "cost/models_in_memory": 4}, run
+    return policy, tok, {**run.metrics, "cost/models_in_memory": 3 if c.lora.r else 4}, run

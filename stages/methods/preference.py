@@ -116,7 +116,7 @@ def fit(method: str, cfg, args, device, tracker, t0: float):
     final = {"train/examples": len(rows), "cost/models_in_memory": 1, "cost/tokens_generated": 0,
              **(check_data(rows, c) if check_data else {})}
     tok = models.load_tokenizer(args.sft)
-    policy = models.disable_dropout(models.load_causal_lm(args.sft, device))
+    policy = models.disable_dropout(models.for_training(models.load_causal_lm(args.sft, device), c))
 
     def plan(step: int) -> train.Plan:
         batch = [rows[i] for i in train.batch_indices(len(rows), c.batch_size, step, cfg.seed)]
