@@ -117,3 +117,19 @@ def test_mlflow_has_a_parent_per_repro_with_nested_stage_runs(ws):
         assert key in align.data.metrics, key
     artifacts = [a.path for a in client.list_artifacts(by_name["compare"].info.run_id)]
     assert {"comparison.md", "comparison.png"} <= set(artifacts)
+
+
+def test_a_code_change_reruns_only_the_stages_that_run_that_code(ws):
+    """dvc.yaml lists each stage's own code (test_code_deps): a fix in the MLflow logging reruns
+    nothing, one in the advantages (online methods only) reruns align alone, not SFT and the rest."""
+    d, _ = ws
+    tracking_py, advantages_py = d / "stages" / "core" / "tracking.py", d / "stages" / "core" / "advantages.py"
+    originals = tracking_py.read_text(), advantages_py.read_text()
+    try:
+        tracking_py.write_text(originals[0] + "\n# a comment\n")
+        assert helpers.ran_stages(repro(ws)) == set()
+        advantages_py.write_text(originals[1] + "\n# a comment\n")
+        assert helpers.ran_stages(repro(ws)) == {"align@dpo"}  # same model out: nothing after it reruns
+    finally:
+        tracking_py.write_text(originals[0])
+        advantages_py.write_text(originals[1])
