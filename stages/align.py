@@ -43,4 +43,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    stage.run(main)
+    stage.run(main, parallel=True)

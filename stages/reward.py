@@ -90,4 +90,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    stage.run(main)
+    stage.run(main, parallel=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import dist
 from .config import ConfigError
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -323,7 +324,9 @@ def setup_torch(seed: int, model_dir: str | Path | None = None) -> torch.device:
     large = model_dir is not None and sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) \
         >= BF16_MIN_BYTES
     _CPU_BF16 = want == "bf16" or (want == "auto" and large and cpu_has_fast_bf16())
-    return pick_device()
+    device = dist.local_device(pick_device())
+    dist.init(device)
+    return device
 
 
 def autocast(device: torch.device):

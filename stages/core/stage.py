@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Callable
 
-from . import models, tracking
+from . import dist, models, tracking
 from .config import ConfigError
 from .io import atomic_dir, write_csv, write_json
 
@@ -31,6 +31,8 @@ def write_trained(model, tok, out: str, metrics_path: str, metrics: dict, plots_
     """A training stage's outputs, each written atomically (the model directory with its tokenizer, in
     float32: models.save says why; a LoRA model merged, or its adapter alone when c.lora.output says so;
     the metrics json, the per-step plot csv), and its final metrics to MLflow."""
+    if not dist.is_main():
+        return
     with atomic_dir(out) as tmp:
         models.save(model, tok, tmp, adapter_only=c is not None and c.lora.output == "adapter")
     write_json(metrics_path, metrics)
@@ -51,12 +53,16 @@ def _error(e: Exception, code: int) -> None:
     sys.exit(code)
 
 
-def run(main: Callable[[list[str] | None], str], argv: list[str] | None = None) -> None:
+def run(main: Callable[[list[str] | None], str], argv: list[str] | None = None, parallel: bool = False) -> None:
     """Run a stage's main; print its one-line summary, or a one-line error and exit non-zero.
 
     ConfigError (bad params, bad input row, missing path) exits 2 before any work is done;
-    StageFailed (a gate not met) exits 1 after the work, with no output written.
+    StageFailed (a gate not met) exits 1 after the work, with no output written. parallel: a training
+    stage, started on as many processes as the machine says (dist.wanted_processes).
     """
+    if parallel and dist.world() == 1 and dist.wanted_processes() > 1:
+        sys.exit(dist.launch(sys.modules["__main__"].__spec__.name, sys.argv[1:] if argv is None else argv,
+                             dist.wanted_processes()))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars
@@ -73,4 +79,5 @@ def run(main: Callable[[list[str] | None], str], argv: list[str] | None = None) 
     except KeyboardInterrupt:
         print("interrupted: no output was written (a checkpoint, if any, resumes on rerun)", file=sys.stderr)
         sys.exit(130)
-    print(f"{summary} [{time.perf_counter() - t0:.1f}s]")
+    if dist.is_main():
+        print(f"{summary} [{time.perf_counter() - t0:.1f}s]")

@@ -155,7 +155,8 @@ _worker: subprocess.Popen | None = None
 
 
 def enabled() -> bool:
-    return os.environ.get("ALIGNPIPE_TRACKING", "mlflow") != "off"
+    """Tracking on, in this process: of a stage launched on several processes only the main one (RANK 0) logs."""
+    return os.environ.get("ALIGNPIPE_TRACKING", "mlflow") != "off" and os.environ.get("RANK", "0") == "0"
 
 
 def prestart() -> None:

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from . import dist
 from .io import atomic_dir
 
 
@@ -79,9 +80,10 @@ class Plan:
 
 
 def micro_batches(rows: list, micro_batch_size: int, units: list[float] | None = None) -> list[tuple[list, float]]:
-    """Split a batch's rows into micro-batches of at most `micro_batch_size` (0: one) → [(rows, share)],
+    """Split a batch's rows into micro-batches of at most `micro_batch_size` (0: one, or one per process when
+    launched on several) → [(rows, share)],
     share = the micro-batch's units / the batch's (units per row: 1 each when None)."""
-    size = micro_batch_size or len(rows) or 1
+    size = micro_batch_size or math.ceil(len(rows) / dist.world()) or 1  # launched: one per process
     units = [1.0] * len(rows) if units is None else units
     total = float(sum(units))
     parts = []
@@ -105,21 +107,32 @@ class GuardedStep:
 
     def update(self, micros: list[Micro], lr: float) -> tuple[float, float, dict, int]:
         """One optimizer update from the summed gradients of its micro-batches → (loss, grad norm (NaN when
-        skipped), stats averaged over the micro-batches by share, tokens)."""
+        skipped), stats averaged over the micro-batches by share, tokens). Launched on several processes,
+        each runs every world-th micro-batch and the gradients are summed across them (dist)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total, stats, weights, tokens = 0.0, {}, {}, 0
-        for m in micros:
+        total, stats, weights, tokens, finite = 0.0, {}, {}, 0, True
+        for m in micros[dist.rank()::dist.world()]:
             loss, st, n = m.loss()
+            tokens += n
             if not torch.isfinite(loss):
-                return float("nan"), self._skip("loss"), {}, tokens + n
+                finite = False
+                break
             (loss * m.share if m.share != 1.0 else loss).backward()
             total += m.share * loss.item()
-            tokens += n
             for k, v in st.items():
                 if v is not None and not k.startswith("_"):  # _name: for the method's own checks
                     stats[k] = stats.get(k, 0.0) + m.share * float(v)
                     weights[k] = weights.get(k, 0.0) + m.share
+        if dist.world() > 1:
+            parts = dist.gather((total, stats, weights, tokens, finite))
+            total, tokens, finite = sum(p[0] for p in parts), sum(p[3] for p in parts), all(p[4] for p in parts)
+            stats = {k: sum(p[1].get(k, 0.0) for p in parts) for k in dict.fromkeys(k for p in parts for k in p[1])}
+            weights = {k: sum(p[2].get(k, 0.0) for p in parts) for k in stats}
+            if finite:
+                dist.sum_grads(self.params)
+        if not finite:
+            return float("nan"), self._skip("loss"), {}, tokens
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         if not math.isfinite(grad_norm):
             return total, self._skip("gradient"), {}, tokens
@@ -194,12 +207,15 @@ class Checkpoint:
         return torch.load(self.dir / "state.pt", weights_only=False)
 
     def save(self, state: dict) -> None:
+        if not dist.is_main():
+            return
         with atomic_dir(self.dir) as tmp:
             torch.save(state, tmp / "state.pt")
             (tmp / "meta.json").write_text(json.dumps({"fingerprint": self.fp, "step": state.get("step")}))
 
     def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if dist.is_main():
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def probe_steps(total: int, probes: int) -> set[int]:
@@ -221,7 +237,8 @@ class StepLog:
 
         self.tracker, self.every = tracker, every
         self.rows: list[dict] = rows or []
-        self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, mininterval=1.0)
+        self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, mininterval=1.0,
+                        disable=not dist.is_main())
         self.t0 = time.perf_counter() - seconds
         self.tokens = tokens
 
@@ -307,7 +324,7 @@ def fit(name: str, model, c, seed: int, tracker, inputs: list, plan: Callable[[i
                             "perf/rollout_tokens_per_sec": p.generated / max(p.gen_seconds, 1e-9)})
             gen = {"gen_seconds": gen["gen_seconds"] + p.gen_seconds,
                    "step_seconds": gen["step_seconds"] + step_seconds, "generated": gen["generated"] + p.generated}
-        if step + 1 in probe_at:
+        if step + 1 in probe_at and dist.is_main():  # metrics only the main process writes
             metrics.update(probe())
         log.step(step + 1, metrics, tokens=sum(d[3] for d in done))
         if (step + 1) % c.checkpoint_every == 0 and step + 1 < steps:
