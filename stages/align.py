@@ -3,10 +3,10 @@
     python -m stages.align dpo --pairs pairs --prompts data/prompts.jsonl --sft models/sft --reward models/reward \
         --out models/dpo --metrics metrics/train_dpo.json --plots plots/train_dpo.csv
 
-Each method's loop is a function in stages/methods/ registered in METHODS (checked against the
-params schema's methods at import: no if/elif over method names). It receives the validated params
-and the paths and returns (trained model, tokenizer, final metrics, train.Run); this module writes
-the outputs atomically, logs them, then clears the method's checkpoint.
+Each method is a record in stages/methods/registry.py naming its training loop and pieces (checked
+against the params schema's sections before any work: no if/elif over method names). The loop receives
+the record, the validated params and the paths and returns (trained model, tokenizer, final metrics,
+train.Run); this module writes the outputs atomically, logs them, then clears the method's checkpoint.
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ from __future__ import annotations
 import time
 
 from stages.core import config, models, stage, tracking
-from stages.methods import online, ppo, preference
-
-METHODS = {"ppo": ppo.fit, "dpo": preference.fit, "ipo": preference.fit, "kto": preference.fit,
-           "grpo": online.fit, "rloo": online.fit}
-assert set(METHODS) == set(config.METHOD_CONFIGS), "every method needs a params section and a training loop"
+from stages.methods import registry
 
 
 def main(argv=None) -> str:
     p = stage.parser(__doc__, "--pairs", "--prompts", "--sft", "--reward", "--out", "--metrics", "--plots")
-    p.add_argument("method", choices=sorted(METHODS))
+    p.add_argument("method", choices=sorted(registry.REGISTRY))
     args = p.parse_args(argv)
+    method = registry.get(args.method)
     cfg = config.load(args.params)
     mcfg = cfg.align.method(args.method)
     device = models.setup_torch(cfg.seed, args.sft)
@@ -32,7 +29,7 @@ def main(argv=None) -> str:
 
     with tracking.stage_run("align", method=args.method, params={"seed": cfg.seed, **mcfg.model_dump()},
                             deps=[args.sft, args.pairs, args.reward]) as tr:
-        model, tok, metrics, run = METHODS[args.method](args.method, cfg, args, device, tr, t0)
+        model, tok, metrics, run = method.fit(method, cfg, args, device, tr, t0)
         metrics = {**metrics, "cost/wall_s": time.perf_counter() - t0 + run.prior_s,
                    "cost/peak_mem_mb": models.peak_mem_mb(device)}
         stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, run.rows, tr,

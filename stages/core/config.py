@@ -378,12 +378,6 @@ class PPOConfig(OnlineConfig):
     """Subtracted from the score of a completion that never ended (no EOS)."""
 
 
-METHOD_CONFIGS: dict[str, type[Section]] = {
-    "ppo": PPOConfig, "dpo": DPOConfig, "ipo": IPOConfig, "kto": KTOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig,
-}
-"""Known alignment methods and their params sections (align.<method>)."""
-
-
 class AlignConfig(Section):
     methods: list[str] = ["dpo", "grpo"]
     """Methods run as align@<method> stages, each with its own params section below."""
@@ -408,6 +402,12 @@ class AlignConfig(Section):
 
     def method(self, name: str) -> Section:
         return getattr(self, name)
+
+
+METHOD_CONFIGS: dict[str, type[Section]] = {
+    name: field.annotation for name, field in AlignConfig.model_fields.items() if name != "methods"}
+"""Known alignment methods and their params sections: AlignConfig's fields (stages/methods/registry.py holds
+the rest of each method)."""
 
 
 class EvaluateConfig(Section):

@@ -200,23 +200,17 @@ def micro_split(idx: torch.Tensor, units: list[float] | None, micro_batch_size: 
     return [(torch.tensor(part, device=idx.device), 1.0 if units is None else share) for part, share in parts]
 
 
-METHODS = {
-    "grpo": (grpo_advantages, grpo_loss, grpo_units, lambda c: c.beta > 0, lambda c: False),
-    "rloo": (rloo_advantages, rloo_loss, rloo_units, lambda c: c.beta > 0, lambda c: c.beta > 0),
-}
-"""method → (advantages(batch, cfg), loss(logps, batch, rows, advantages, cfg, batch_tokens), units(batch, rows,
-cfg): what each row counts for in the loss's mean (micro_split), needs a reference?, needs the old log-probs
-before training? (RLOO's KL-in-reward does); a batch used for more than one update always needs them)."""
-
-
-def fit(method: str, cfg, args, device, tracker, t0: float):
-    """Online RL from the SFT policy → (model, tokenizer, final metrics, train.Run)."""
-    c = cfg.align.method(method)
-    advantage_fn, loss_fn, units_fn, needs_ref, needs_old = METHODS[method]
-    need_old = needs_old(c) or c.num_iterations > 1 or c.minibatches > 1
+def fit(method, cfg, args, device, tracker, t0: float):
+    """Online RL from the SFT policy with `method` (a registry record: its advantages(batch, cfg), loss(logps,
+    batch, rows, advantages, cfg, batch_tokens), units(batch, rows, cfg) and whether it needs a reference and
+    the old log-probs before training; a batch used for more than one update always needs them)
+    → (model, tokenizer, final metrics, train.Run)."""
+    c = cfg.align.method(method.name)
+    advantage_fn, loss_fn, units_fn = method.advantages, method.loss, method.units
+    need_old = method.needs_old_logps(c) or c.num_iterations > 1 or c.minibatches > 1
     prompts = read_prompts(args.prompts, c, cfg.verifier)
     probe = prompts[:c.probe_size]
-    tok, policy, ref, rm = load_models(cfg, c, args, device, needs_ref(c))
+    tok, policy, ref, rm = load_models(cfg, c, args, device, method.needs_reference(c))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     seen: list[torch.Tensor] = []  # rewards of the first steps, for check_signal
 
@@ -233,7 +227,7 @@ def fit(method: str, cfg, args, device, tracker, t0: float):
     def plan(step: int) -> train.Plan:
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
         b = collect(policy, ref, rm, tok, rows, c, generator, device, need_old, cfg.verifier)
-        check_signal(seen, b, step, c, method)
+        check_signal(seen, b, step, c, method.name)
         adv, adv_stats = advantage_fn(b, c)
         parts = torch.arange(len(b.seqs), device=device).chunk(c.minibatches)
         batch_tokens = float(b.mask.sum()) / len(parts)  # dapo: tokens per optimizer step of this generation batch
@@ -247,7 +241,7 @@ def fit(method: str, cfg, args, device, tracker, t0: float):
         return {"probe/accuracy": evaluation.probe_accuracy(policy, tok, probe, probe_len, c.gen_batch_size,
                                                             cfg.verifier)}
 
-    run = train.fit(f"align-{method}", policy, c, cfg.seed, tracker,
+    run = train.fit(f"align-{method.name}", policy, c, cfg.seed, tracker,
                     [args.prompts, args.sft] + ([args.reward] if rm is not None else []), plan, steps=c.steps,
                     device=device, t0=t0, probe=probe_fn, state=lambda: {"generator": generator.get_state()},
                     restore=lambda extra: generator.set_state(extra["generator"]))

@@ -75,9 +75,9 @@ class AdaptiveKL:
             self.coef *= 1 + error * n_samples / self.horizon
 
 
-def fit(method: str, cfg, args, device, tracker, t0: float):
+def fit(method, cfg, args, device, tracker, t0: float):
     """PPO from the SFT policy → (model, tokenizer, final metrics, train.Run)."""
-    c = cfg.align.method(method)
+    c = cfg.align.method(method.name)
     prompts = read_prompts(args.prompts, c, cfg.verifier)
     probe = prompts[:c.probe_size]
     tok, policy, ref, rm = load_models(cfg, c, args, device, needs_ref=True)
@@ -105,7 +105,7 @@ def fit(method: str, cfg, args, device, tracker, t0: float):
     def plan(step: int) -> train.Plan:
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
         b = collect(policy, ref, rm, tok, rows, c, generator, device, need_old=True, verifier=cfg.verifier)
-        check_signal(seen, b, step, c, method)
+        check_signal(seen, b, step, c, method.name)
         targets = rollout_targets(b, value_model, kl_fn, kl_ctl.coef, c, device)
         kl, mask = targets[1], b.mask
         seq_kl = float(kl.sum(-1)[mask.sum(-1) > 0].mean()) if mask.any() else 0.0  # over scored rows
@@ -126,7 +126,7 @@ def fit(method: str, cfg, args, device, tracker, t0: float):
         generator.set_state(extra["generator"])
         kl_ctl.coef = extra["kl_coef"]
 
-    run = train.fit(f"align-{method}", both, c, cfg.seed, tracker, [args.prompts, args.sft, args.reward], plan,
+    run = train.fit(f"align-{method.name}", both, c, cfg.seed, tracker, [args.prompts, args.sft, args.reward], plan,
                     steps=c.steps, device=device, t0=t0, probe=probe_fn, restore=restore,
                     state=lambda: {"generator": generator.get_state(), "kl_coef": kl_ctl.coef})
     return policy, tok, {**run.metrics, "cost/models_in_memory": 3 if c.lora.r else 4}, run

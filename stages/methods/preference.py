@@ -16,14 +16,15 @@ import torch
 from stages.core import data, evaluation, io, losses, models, train
 from stages.core.logprobs import sequence_logps, token_logps
 
-PAIR_LOSSES = {
-    "dpo": lambda pi_c, pi_r, ref_c, ref_r, len_c, len_r, c: losses.dpo_loss(
-        pi_c, pi_r, ref_c, ref_r, c.beta, c.label_smoothing),
-    "ipo": lambda pi_c, pi_r, ref_c, ref_r, len_c, len_r, c: losses.ipo_loss(
-        pi_c, pi_r, ref_c, ref_r, len_c, len_r, c.beta, c.length_normalize),
-}
-"""method → loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, len_chosen, len_rejected [B], cfg) →
-(losses [B], chosen rewards [B], rejected rewards [B])."""
+
+def dpo_pair_loss(pi_c, pi_r, ref_c, ref_r, len_c, len_r, c):
+    """A pair method's loss: (pi_chosen, pi_rejected, ref_chosen, ref_rejected, len_chosen, len_rejected [B],
+    cfg) → (losses [B], chosen rewards [B], rejected rewards [B])."""
+    return losses.dpo_loss(pi_c, pi_r, ref_c, ref_r, c.beta, c.label_smoothing)
+
+
+def ipo_pair_loss(pi_c, pi_r, ref_c, ref_r, len_c, len_r, c):
+    return losses.ipo_loss(pi_c, pi_r, ref_c, ref_r, len_c, len_r, c.beta, c.length_normalize)
 
 
 def pair_step(method, policy, batch: list[dict], c, pad_id: int, device) -> list[train.Micro]:
@@ -37,7 +38,7 @@ def pair_step(method, policy, batch: list[dict], c, pad_id: int, device) -> list
         len_c, len_r = seqs.completion_mask.sum(-1).float().chunk(2)  # [b], [b]
         ref_c = torch.tensor([r["chosen_ref_logp"] for r in rows], device=device)  # [b]
         ref_r = torch.tensor([r["rejected_ref_logp"] for r in rows], device=device)  # [b]
-        per_pair, r_c, r_r = PAIR_LOSSES[method](pi_c, pi_r, ref_c, ref_r, len_c, len_r, c)
+        per_pair, r_c, r_r = method.loss(pi_c, pi_r, ref_c, ref_r, len_c, len_r, c)
         stats = {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
                  "rewards/margins": (r_c - r_r).mean().item(),
                  "rewards/accuracies": (r_c > r_r).float().mean().item(), "_ref_gap": _gap(pi_c, ref_c)}
@@ -96,19 +97,11 @@ def check_kto_weights(rows: list[dict], c) -> dict:
     return {"kto/weight_ratio": ratio}
 
 
-STEPS = {
-    "dpo": (pair_step, "pairs.jsonl", None),
-    "ipo": (pair_step, "pairs.jsonl", None),
-    "kto": (kto_step, "kto.jsonl", check_kto_weights),
-}
-"""method → (step function: a batch → its micro-batches, the pairs stage's file it trains on, a check of that data
-or None)."""
-
-
-def fit(method: str, cfg, args, device, tracker, t0: float):
-    """Train the SFT policy on the stored pairs → (model, tokenizer, final metrics, train.Run)."""
-    c = cfg.align.method(method)
-    step_fn, data_file, check_data = STEPS[method]
+def fit(method, cfg, args, device, tracker, t0: float):
+    """Train the SFT policy on the stored pairs with `method` (a registry record) → (model, tokenizer,
+    final metrics, train.Run)."""
+    c = cfg.align.method(method.name)
+    data_file, check_data = method.reads, method.check_data
     rows = io.read_jsonl(Path(args.pairs) / data_file)
     probe = io.read_jsonl(args.prompts)[:c.probe_size]
     probe_len = c.probe_max_new_tokens or max(len(r.get("chosen_ids") or r["completion_ids"]) for r in rows) + 1
@@ -120,7 +113,7 @@ def fit(method: str, cfg, args, device, tracker, t0: float):
 
     def plan(step: int) -> train.Plan:
         batch = [rows[i] for i in train.batch_indices(len(rows), c.batch_size, step, cfg.seed)]
-        micros = step_fn(method, policy, batch, c, tok.pad_token_id, device)
+        micros = method.step(method, policy, batch, c, tok.pad_token_id, device)
         if step == 0:  # before any update the policy is the reference: check the stored log-probs
             micros[0] = train.Micro(partial(check_reference, micros[0].loss, strict=models.exact(device)),
                                     micros[0].share)
@@ -129,8 +122,8 @@ def fit(method: str, cfg, args, device, tracker, t0: float):
     def probe_fn() -> dict:
         return {"probe/accuracy": evaluation.probe_accuracy(policy, tok, probe, probe_len, c.batch_size, cfg.verifier)}
 
-    run = train.fit(f"align-{method}", policy, c, cfg.seed, tracker, [Path(args.pairs) / data_file, args.sft], plan,
-                    steps=steps, device=device, t0=t0, probe=probe_fn)
+    run = train.fit(f"align-{method.name}", policy, c, cfg.seed, tracker, [Path(args.pairs) / data_file, args.sft],
+                    plan, steps=steps, device=device, t0=t0, probe=probe_fn)
     return policy, tok, {**run.metrics, **final}, run
 
 
