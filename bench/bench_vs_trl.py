@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -89,10 +90,11 @@ def throughput(ends: list[float], t_start: float, t_end: float, warmup: int, per
 
 def dpo_ours(args, wd: Path) -> dict:
     """preference.fit's step: pair_step (one forward of the 2B sequences, dpo_loss against the stored
-    reference log-probs) and the GuardedStep (backward, clip, AdamW), on consecutive batches of the data."""
+    reference log-probs) and the GuardedStep's update (backward, clip, AdamW), on consecutive batches of the data."""
     device = setup(args)
     from stages.core import config, data, models, train
     from stages.methods import preference
+    from stages.methods.registry import REGISTRY
     from stages.pairs import ref_logps
 
     tok = models.load_tokenizer(str(wd / "model"))
@@ -114,10 +116,10 @@ def dpo_ours(args, wd: Path) -> dict:
     for step in range(total):
         k = step % n_batches
         batch = rows[k * args.batch_size:(k + 1) * args.batch_size]
-        loss, metrics, _, (pi, ref_c) = preference.pair_step("dpo", policy, batch, c, tok.pad_token_id, device)
+        micros = preference.pair_step(REGISTRY["dpo"], policy, batch, c, tok.pad_token_id, device)
         if step == 0:
-            preference.check_reference(pi, ref_c, strict=True)
-        metrics.update({"train/grad_norm": guard(loss, train.lr_at(step, c, total)), "train/loss": loss.item()})
+            micros[0] = train.Micro(partial(preference.check_reference, micros[0].loss, strict=True), micros[0].share)
+        guard.update(micros, train.lr_at(step, c, total))
         ends.append(time.perf_counter())
     return {**throughput(ends, t0, ends[-1], args.warmup, args.batch_size), "precompute_s": precompute_s}
 
