@@ -77,12 +77,17 @@ def test_a_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(upstre
         assert meta.exists(), "no checkpoint before the stage ended"
         time.sleep(0.5)
         assert not (d / "models" / "s_resumed").exists()  # no orphan process finished the stage
+        import torch
+
+        before = torch.load(d / ".checkpoints" / "sft" / "state.pt", weights_only=False)["extra"]["elapsed_s"]
         out = run(d, "sft", "models/s_resumed", 2)
     finally:
         shutil.copy(helpers.SMOKE, d / "params.yaml")
     assert "resuming from step" in out.stdout
     assert max_gap(weights(d / "models" / "s_straight"), weights(d / "models" / "s_resumed")) < 1e-6
     assert not (d / ".checkpoints" / "sft").exists()  # cleared once the outputs were written
+    resumed = json.loads((d / "models" / "s_resumed.json").read_text())
+    assert resumed["cost/wall_s"] > before > 0  # the cost counts the segment before the kill too
 
 
 def test_a_failing_process_is_one_line_and_a_nonzero_exit(upstream):  # noqa: F811
