@@ -57,6 +57,10 @@ def build_model(cfg: config.Params):
             raise config.ConfigError(f"model.name_or_path: could not load a tokenizer from {m.name_or_path!r} "
                                      f"({str(e).splitlines()[0]})") from None
         model = models.load_causal_lm(m.name_or_path, "cpu")
+    bad, names = models.non_finite_weights(model)
+    if bad:
+        raise config.ConfigError(f"model.name_or_path: {m.name_or_path}: {bad} weights are NaN or infinite "
+                                 f"(in {names[0]}); nothing can be trained from it")
     if m.chat_template:
         path = Path(m.chat_template).expanduser()
         tok.chat_template = path.read_text() if path.is_file() else m.chat_template

@@ -158,3 +158,27 @@ def test_a_model_without_a_chat_template_says_what_to_set(tmp_path, saved_model)
     assert out.stderr.strip() == (f"error: model.name_or_path: {model_dir} has no chat template, but the data is "
                                   "conversational; set model.chat_template to a Jinja template (or a file holding "
                                   "one), or give plain-text prompt/completion data")
+
+
+def test_non_finite_weights_are_never_written(tmp_path, saved_model):
+    """A model whose training blew up (NaN or inf weights) fails the stage before any output exists, so
+    DVC never records it; a base model with NaN weights is refused by prepare, before any training."""
+    from stages.core import models, stage, tracking
+
+    model = models.load_causal_lm(str(saved_model), "cpu")
+    tok = models.load_tokenizer(str(saved_model))
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    with pytest.raises(stage.StageFailed, match=r"^1 weights are NaN or infinite after training .*no model written"):
+        stage.write_trained(model, tok, str(tmp_path / "out"), str(tmp_path / "m.json"), {"train/skipped_steps": 9},
+                            str(tmp_path / "p.csv"), [], tracking.NullTracker(), 1)
+    assert not any(tmp_path.iterdir())
+
+    bad_base = tmp_path / "nan_model"
+    model.save_pretrained(bad_base)
+    tok.save_pretrained(bad_base)
+    smoke_params(tmp_path / "params.yaml", **{"model.name_or_path": str(bad_base)})
+    out = helpers.stage("prepare", "--data-out", "data", "--model-out", "models/base", cwd=tmp_path, check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith(f"error: model.name_or_path: {bad_base}: 1 weights are NaN or infinite")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()

@@ -143,7 +143,7 @@ class OptimConfig(Section):
     """Linear warm-up steps."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warm-up (to 10% of peak for cosine, 0 for linear)."""
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     """AdamW weight decay."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""

@@ -177,6 +177,19 @@ def save(model, tok, out: str | Path, dtype: torch.dtype = torch.float32, adapte
     tok.save_pretrained(out)
 
 
+def non_finite_weights(model) -> tuple[int, list[str]]:
+    """(how many weights are NaN or infinite, the names of the tensors that hold them)."""
+    count, names, seen = 0, [], set()
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and p.data_ptr() not in seen:  # tied weights once
+            seen.add(p.data_ptr())
+            bad = int((~torch.isfinite(p)).sum())
+            if bad:
+                count += bad
+                names.append(name)
+    return count, names
+
+
 def is_lora(model) -> bool:
     return hasattr(model, "peft_config")
 

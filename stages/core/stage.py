@@ -33,6 +33,11 @@ def write_trained(model, tok, out: str, metrics_path: str, metrics: dict, plots_
     the metrics json, the per-step plot csv), and its final metrics to MLflow."""
     if not dist.is_main():
         return
+    bad, names = models.non_finite_weights(model)
+    if bad:  # never recorded as a result: DVC would cache it and every later stage would read it
+        raise StageFailed(f"{bad} weights are NaN or infinite after training (in {names[0]}"
+                          f"{f' and {len(names) - 1} more tensors' if len(names) > 1 else ''}; "
+                          f"train/skipped_steps {metrics.get('train/skipped_steps', 0):g}); no model written")
     with atomic_dir(out) as tmp:
         models.save(model, tok, tmp, adapter_only=c is not None and c.lora.output == "adapter")
     write_json(metrics_path, metrics)
