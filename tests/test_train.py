@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from stages.core import config, train
+from stages.core import config, stage, train
 
 
 def test_batch_order_depends_only_on_seed_and_step():
@@ -37,7 +37,7 @@ def test_guarded_step_drops_nonfinite_updates():
     step((w * 2).sum(), lr=0.1)
     assert w.tolist() == pytest.approx([0.8, 0.8])
     step(torch.tensor(float("inf")), lr=0.1)
-    with pytest.raises(RuntimeError, match="2 optimizer steps in a row"):
+    with pytest.raises(stage.StageFailed, match="2 optimizer steps in a row had a non-finite loss"):
         step(torch.tensor(float("nan")), lr=0.1)
 
 

@@ -23,6 +23,7 @@ import torch
 
 from . import dist
 from .io import atomic_dir
+from .stage import StageFailed
 
 
 def make_optimizer(params, cfg, fused: bool = False) -> torch.optim.Optimizer:
@@ -150,7 +151,8 @@ class GuardedStep:
         self.skipped += 1
         self._in_a_row += 1
         if self._in_a_row >= self.max_skips:
-            raise RuntimeError(f"{self._in_a_row} optimizer steps in a row had a non-finite {what}; stopping")
+            raise StageFailed(f"{self._in_a_row} optimizer steps in a row had a non-finite {what} (lower the learning "
+                              "rate or check the data); stopped, no model written")
         return float("nan")
 
 

@@ -144,7 +144,7 @@ def sampler_gap(logps: torch.Tensor, b: Batch, idx, strict: bool, tol: float = 1
     stale weights or another temperature (TRL #5312). An error in fp32; reported under autocast."""
     gap = float(((logps.detach().float() - b.sample_logps[idx]).abs() * b.mask[idx]).max())
     if gap > tol and strict:
-        raise RuntimeError(f"the trainer's log-probs of the sampled tokens differ from the sampler's by {gap:.3g}")
+        raise stage.StageFailed(f"the trainer's log-probs of the sampled tokens differ from the sampler's by {gap:.3g}")
     return gap
 
 

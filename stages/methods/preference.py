@@ -15,6 +15,7 @@ import torch
 
 from stages.core import data, evaluation, io, losses, models, train
 from stages.core.logprobs import sequence_logps, token_logps
+from stages.core.stage import StageFailed
 
 
 def dpo_pair_loss(pi_c, pi_r, ref_c, ref_r, len_c, len_r, c):
@@ -138,6 +139,6 @@ def check_reference(loss_fn, strict: bool, tol: float = 1e-3):
         msg = (f"stored reference log-probs differ from the SFT policy's by up to {gap:.3g} nats; "
                "were the pairs made from another SFT model?")
         if strict:
-            raise RuntimeError(msg)
+            raise StageFailed(msg)
         print(f"warning: {msg}")
     return loss, stats, tokens
