@@ -38,8 +38,13 @@ def is_main() -> bool:
 
 def wanted_processes() -> int:
     """Processes this machine runs a stage on: ALIGNPIPE_PROCESSES, else its accelerate config's num_processes."""
+    from .config import ConfigError
+
     if os.environ.get("ALIGNPIPE_PROCESSES"):
-        return int(os.environ["ALIGNPIPE_PROCESSES"])
+        try:
+            return max(1, int(os.environ["ALIGNPIPE_PROCESSES"]))
+        except ValueError:
+            raise ConfigError(f"ALIGNPIPE_PROCESSES: {os.environ['ALIGNPIPE_PROCESSES']!r} is not a number") from None
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     home = Path(os.environ.get("HF_HOME", cache / "huggingface"))
     config = Path(os.environ.get("ACCELERATE_CONFIG_FILE", home / "accelerate" / "default_config.yaml"))
@@ -47,7 +52,10 @@ def wanted_processes() -> int:
         return 1
     import yaml
 
-    return int((yaml.safe_load(config.read_text()) or {}).get("num_processes") or 1)
+    try:
+        return max(1, int((yaml.safe_load(config.read_text()) or {}).get("num_processes") or 1))
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError):
+        raise ConfigError(f"{config}: num_processes is not readable (the machine's accelerate config)") from None
 
 
 def launch(module: str, argv: list[str], n: int) -> int:

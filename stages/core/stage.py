@@ -65,17 +65,17 @@ def run(main: Callable[[list[str] | None], str], argv: list[str] | None = None, 
     StageFailed (a gate not met) exits 1 after the work, with no output written. parallel: a training
     stage, started on as many processes as the machine says (dist.wanted_processes).
     """
-    if parallel and dist.world() == 1 and dist.wanted_processes() > 1:
-        sys.exit(dist.launch(sys.modules["__main__"].__spec__.name, sys.argv[1:] if argv is None else argv,
-                             dist.wanted_processes()))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     t0 = time.perf_counter()
-    tracking.prestart()
     try:
+        if parallel and dist.world() == 1 and dist.wanted_processes() > 1:
+            sys.exit(dist.launch(sys.modules["__main__"].__spec__.name, sys.argv[1:] if argv is None else argv,
+                                 dist.wanted_processes()))
+        tracking.prestart()
         summary = main(argv)
     except ConfigError as e:
         _error(e, 2)
