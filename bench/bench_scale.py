@@ -95,14 +95,13 @@ def run_case(ws: Path, stage: str, case: str, env: dict) -> dict:
     if proc.returncode:
         return {"stage": stage, "case": case, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     m = json.loads((ws / f"{out}.json").read_text())
-    rows = [json.loads(json.dumps(r)) for r in _csv(ws / f"{out}.csv")]
+    steps = sum(1 for r in _csv(ws / f"{out}.csv") if r.get("perf/tokens_per_sec"))
     shutil.rmtree(ws / out, ignore_errors=True)
-    steps = [r for r in rows if r.get("perf/tokens_per_sec")]
     return {"stage": stage, "case": case, "process_s": round(wall, 1), "peak_mem_mb": round(m["cost/peak_mem_mb"]),
             "tokens_per_sec": round(m.get("perf/tokens_per_sec", 0)),
             "rollout_tokens_per_sec": round(m.get("perf/rollout_tokens_per_sec", 0)),
             "gen_share": round(m.get("perf/gen_share", 0), 3), "train_s": round(m["cost/wall_s"], 1),
-            "steps": len(steps), "models_in_memory": m.get("cost/models_in_memory")}
+            "steps": steps, "models_in_memory": m.get("cost/models_in_memory")}
 
 
 def _csv(path: Path) -> list[dict]:

@@ -60,5 +60,5 @@ def test_every_stage_lists_exactly_the_code_it_runs():
 
 
 def test_the_closure_sees_imports_inside_functions():
-    assert "stages/core/models.py" in code_closure("stages.core.train")  # train.fit imports models lazily
+    assert "stages/core/config.py" in code_closure("stages.core.dist")  # imported inside wanted_processes only
     assert "stages/core/train.py" not in code_closure("stages.prepare")

@@ -2,8 +2,6 @@
 + adapter, only a low-rank update is learned, the reference of an online method is the policy with its
 adapter off (no second model), and an adapter-only output loads wherever a model is read."""
 
-import json
-
 import pytest
 import torch
 
@@ -27,23 +25,12 @@ def logits(model, seqs):
         return model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask).logits
 
 
-def test_merged_output_equals_base_plus_adapter(upstream, monkeypatch, tmp_path):  # noqa: F811
+def test_merged_output_equals_base_plus_adapter(upstream, monkeypatch):  # noqa: F811
     import peft
 
     settings = {"steps": 3, "lr": 1e-2, "lora": {**LORA, "output": "adapter"}}
-    monkeypatch.chdir(upstream)
-    trained_adapter = tmp_path / "adapter"
-    from stages import align
-
-    params = upstream / "params.yaml"
-    backup = params.read_text()
-    from tests.test_stages import smoke_params
-
-    smoke_params(params, **{f"align.dpo.{k}": v for k, v in settings.items()})
-    try:
-        align.main(align_args("dpo", str(trained_adapter)))
-    finally:
-        params.write_text(backup)
+    trained(upstream, monkeypatch, "adapter", "align.dpo", keep=True, **settings)
+    trained_adapter = upstream / "models" / "adapter"
     assert (trained_adapter / "adapter_config.json").exists() and not (trained_adapter / "model.safetensors").exists()
     merged, _ = trained(upstream, monkeypatch, "merged", "align.dpo", **{**settings, "lora": LORA})
 
@@ -88,46 +75,22 @@ def test_reference_is_the_policy_with_its_adapter_off(saved_model):
 
 @pytest.mark.parametrize("method, in_memory", [("grpo", 2), ("rloo", 2), ("ppo", 3)])
 def test_online_methods_train_lora_without_a_second_model(upstream, monkeypatch, method, in_memory):  # noqa: F811
-    from stages import align
-    from tests.test_stages import smoke_params
-
-    monkeypatch.chdir(upstream)
-    params = upstream / "params.yaml"
-    backup = params.read_text()
     extra = {} if method == "ppo" else {"reward": {"reward_model": 1.0}, "beta": 0.04}
-    smoke_params(params, **{f"align.{method}.{k}": v
-                            for k, v in {"steps": 2, "lora": LORA, "gradient_checkpointing": True, **extra}.items()})
-    out = f"models/{method}_lora"
-    try:
-        align.main(align_args(method, out))
-    finally:
-        params.write_text(backup)
-    metrics = json.loads((upstream / f"{out}.json").read_text())
+    w, metrics = trained(upstream, monkeypatch, f"{method}_lora", f"align.{method}", steps=2, lora=LORA,
+                         gradient_checkpointing=True, **extra)
     assert metrics["cost/models_in_memory"] == in_memory  # policy, reward model (, value model): no reference
     sft = weights(upstream / "models" / "sft")
-    moved = {k for k, w in weights(upstream / out).items() if not torch.equal(w, sft[k])}
+    moved = {k for k, v in w.items() if not torch.equal(v, sft[k])}
     assert moved and all(any(t in k for t in LORA["target_modules"]) for k in moved)
 
 
 def test_reward_model_adapter_loads_with_its_head_and_statistics(upstream, monkeypatch):  # noqa: F811
-    from stages import reward
-    from tests.test_stages import smoke_params
-
-    monkeypatch.chdir(upstream)
-    params = upstream / "params.yaml"
-    backup = params.read_text()
-    runs = {}
-    for output in ("adapter", "merged"):
-        smoke_params(params, **{"reward.steps": 4, "reward.lora": {**LORA, "output": output}})
-        out = f"models/rm_{output}"
-        try:
-            reward.main(["--pairs", "data/preference.jsonl", "--sft", "models/sft", "--base", "models/base",
-                         "--out", out, "--metrics", f"{out}.json", "--plots", f"{out}.csv"])
-        finally:
-            params.write_text(backup)
-        runs[output] = models.load_reward_model(out, CPU)
     from stages.core.rewards import reward_model_scores
 
+    runs = {}
+    for output in ("adapter", "merged"):
+        trained(upstream, monkeypatch, f"rm_{output}", "reward", keep=True, steps=4, lora={**LORA, "output": output})
+        runs[output] = models.load_reward_model(str(upstream / "models" / f"rm_{output}"), CPU)
     seqs = some_pairs(upstream)
     a, b = (reward_model_scores(runs[o], seqs, 4) for o in ("adapter", "merged"))
     assert runs["adapter"].config.reward_std == runs["merged"].config.reward_std != 1.0

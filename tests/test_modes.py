@@ -25,8 +25,9 @@ SFT_ARGS = ["--train", "data/sft.jsonl", "--probe", "data/prompts.jsonl", "--bas
 REWARD_ARGS = ["--pairs", "data/preference.jsonl", "--sft", "models/sft", "--base", "models/base"]
 
 
-def trained(d, monkeypatch, tag: str, section: str, **settings):
-    """Run one training stage in-process with `settings` in its params section → its saved weights."""
+def trained(d, monkeypatch, tag: str, section: str, keep: bool = False, **settings):
+    """Run one training stage in-process with `settings` in its params section → (its saved weights, its
+    metrics); the output directory models/<tag> is removed unless `keep`."""
     monkeypatch.chdir(d)
     params = d / "params.yaml"
     backup = params.read_text()
@@ -41,8 +42,9 @@ def trained(d, monkeypatch, tag: str, section: str, **settings):
             align.main(align_args(section.split(".")[1], out))
     finally:
         params.write_text(backup)
-    w = weights(d / out)
-    shutil.rmtree(d / out)
+    w = weights(d / out) if (d / out / "model.safetensors").exists() else {}
+    if not keep:
+        shutil.rmtree(d / out)
     return w, json.loads((d / f"{out}.json").read_text())
 
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from . import dist
+from . import dist, models
 from .io import atomic_dir
 from .stage import StageFailed
 
@@ -193,11 +193,12 @@ class Checkpoint:
         return state["step"], state["rows"], state.get("extra", {})
 
     def maybe_save(self, step: int, every: int, total: int, model, optimizer, rows: list[dict],
-                   extra: dict | None = None) -> None:
-        """Save after 1-based `step` when it is a multiple of `every` (not at the end: outputs are)."""
+                   extra: Callable[[], dict] | None = None) -> None:
+        """Save after 1-based `step` when it is a multiple of `every` (not at the end: outputs are);
+        `extra()`: the loop's and the method's own state, asked for only when saving."""
         if step % every == 0 and step < total:
             self.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "rows": rows, "rng": torch.get_rng_state(), "extra": extra or {}})
+                       "rows": rows, "rng": torch.get_rng_state(), "extra": extra() if extra else {}})
 
     def load(self) -> dict | None:
         """The saved state, or None when there is none or it belongs to other params/inputs."""
@@ -296,9 +297,7 @@ def fit(name: str, model, c, seed: int, tracker, inputs: list, plan: Callable[[i
     to `tracker` and the rows of the plot csv; a checkpoint every c.checkpoint_every steps with
     `state()` (the method's own state: RNG, counters), given back to `restore` on resume. t0: when the
     stage started (perf_counter), so that cost figures add up across resumes."""
-    from .models import exact
-
-    opt = make_optimizer(model.parameters(), c, fused=not exact(device))
+    opt = make_optimizer(model.parameters(), c, fused=not models.exact(device))
     guard = GuardedStep(model.parameters(), opt, c.max_grad_norm)
     ckpt = Checkpoint(name, {"seed": seed, **c.model_dump()}, inputs)
     start, logged, extra = ckpt.resume(model, opt)
@@ -329,11 +328,9 @@ def fit(name: str, model, c, seed: int, tracker, inputs: list, plan: Callable[[i
         if step + 1 in probe_at and dist.is_main():  # metrics only the main process writes
             metrics.update(probe())
         log.step(step + 1, metrics, tokens=sum(d[3] for d in done))
-        if (step + 1) % c.checkpoint_every == 0 and step + 1 < steps:
-            ckpt.save({"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(), "rows": log.rows,
-                       "rng": torch.get_rng_state(),
-                       "extra": {**(state() if state else {}), "elapsed_s": prior_s + time.perf_counter() - t0,
-                                 "log": (log.tokens, time.perf_counter() - log.t0), "gen": gen}})
+        ckpt.maybe_save(step + 1, c.checkpoint_every, steps, model, opt, log.rows,
+                        lambda: {**(state() if state else {}), "elapsed_s": prior_s + time.perf_counter() - t0,
+                                 "log": (log.tokens, time.perf_counter() - log.t0), "gen": gen})
     log.close()
     final = {**log.last(), "train/skipped_steps": guard.skipped, "cost/tokens_generated": gen["generated"]}
     if gen["generated"]:  # over the whole run, not the last step
