@@ -215,12 +215,11 @@ def grpo_ours(args, wd: Path) -> dict:
                           schedule="constant")
     opt = train.make_optimizer(policy.parameters(), c)
     guard = train.GuardedStep(policy.parameters(), opt, c.max_grad_norm)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     total, p, ends, gen_s, tokens = args.warmup + args.grpo_steps, args.prompts_per_step, [], [], []
     t0 = time.perf_counter()
     for step in range(total):
-        b = online.collect(policy, None, None, tok, rows[step * p:(step + 1) * p], c, generator, device,
-                           need_old=False)
+        b = online.collect(policy, None, None, tok, rows[step * p:(step + 1) * p], c, step + args.seed * 100_003,
+                           device, need_old=False)
         adv = advantages.group_advantages(b.scores.total, c.num_generations, c.scale_rewards).to(b.mask.device)
         idx = torch.arange(len(b.seqs), device=device)
         policy.train()

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import time
 
-import torch
-
-from stages.core import config, evaluation, io, models, rewards, stage, tracking
+from stages.core import config, dist, evaluation, io, models, rewards, stage, tracking
 
 
 def win_rate(scores: list[float], baseline: list[float]) -> float:
@@ -57,10 +55,9 @@ def main(argv=None) -> str:
             sft_scores = [a["reward_model"] for a in io.read_jsonl(args.baseline)][:len(rows)]
             win = win_rate(scores.tolist(), sft_scores)
             ref = models.load_causal_lm(args.ref, device, trainable=False)
-            g = torch.Generator(device=device).manual_seed(cfg.seed)
             with models.autocast(device):
                 sampled = evaluation.generate(policy, tok, prompt_ids, c.max_new_tokens, c.batch_size, 1.0,
-                                              c.kl_samples, g)
+                                              c.kl_samples, cfg.seed)
                 kl = float(evaluation.kl_to_reference(policy, ref, sampled.seqs, c.batch_size).mean())
         else:  # the SFT policy is the reference: KL 0, and it ties with itself
             win, kl = 0.5, 0.0
@@ -74,12 +71,13 @@ def main(argv=None) -> str:
         }
         answers = [{"prompt": r["prompt"], "answer": r.get("answer"), "completion": t, "correct": ok,
                     "reward_model": float(s)} for r, t, ok, s in zip(rows, greedy.texts, correct, scores)]
-        io.write_jsonl(args.answers, answers)
-        io.write_json(args.out, {k: v for k, v in metrics.items() if v is not None})
+        if dist.is_main():
+            io.write_jsonl(args.answers, answers)
+            io.write_json(args.out, {k: v for k, v in metrics.items() if v is not None})
         tr.log_metrics({k: v for k, v in metrics.items() if v is not None})
     return (f"evaluate@{args.name}: accuracy {metrics['eval/accuracy']:.3f}, reward {metrics['eval/reward_mean']:.3f}, "
             f"win rate vs sft {win:.3f}, KL {kl:.3f} on {len(rows)} held-out prompts")
 
 
 if __name__ == "__main__":
-    stage.run(main)
+    stage.run(main, parallel=True)

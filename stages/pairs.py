@@ -18,9 +18,7 @@ from __future__ import annotations
 import math
 import time
 
-import torch
-
-from stages.core import config, data, evaluation, io, models, rewards, stage, tracking
+from stages.core import config, data, dist, evaluation, io, models, rewards, stage, tracking
 from stages.core.logprobs import batched_token_logps, sequence_logps
 
 
@@ -109,14 +107,13 @@ def main(argv=None) -> str:
     tok = models.load_tokenizer(args.sft)
     policy = models.load_causal_lm(args.sft, device, trainable=False)
     rm = models.load_reward_model(args.reward, device) if c.score.reward_model > 0 else None
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     with tracking.stage_run("pairs", params={"seed": cfg.seed, **c.model_dump()},
                             deps=[args.sft, args.reward, args.prompts]) as tr:
         t_gen = time.perf_counter()
         with models.autocast(device):
             ans = evaluation.generate(policy, tok, [r["prompt_ids"] for r in prompts], c.max_new_tokens,
-                                      c.batch_size, c.temperature, k, generator)
+                                      c.batch_size, c.temperature, k, cfg.seed)
         t_gen = time.perf_counter() - t_gen
         seqs, truncated = ans.seqs, ans.rollout.truncated.tolist()
         with models.autocast(device):
@@ -161,11 +158,12 @@ def main(argv=None) -> str:
             "cost/models_in_memory": 2 if rm is not None else 1, "cost/tokens_generated": n_tokens,
         }
         metrics = {key: v for key, v in metrics.items() if v is not None}
-        with io.atomic_dir(args.out) as tmp:
-            io.write_jsonl(tmp / "samples.jsonl", samples)
-            io.write_jsonl(tmp / "pairs.jsonl", pairs)
-            io.write_jsonl(tmp / "kto.jsonl", kto_rows)
-        io.write_json(args.metrics, metrics)
+        if dist.is_main():
+            with io.atomic_dir(args.out) as tmp:
+                io.write_jsonl(tmp / "samples.jsonl", samples)
+                io.write_jsonl(tmp / "pairs.jsonl", pairs)
+                io.write_jsonl(tmp / "kto.jsonl", kto_rows)
+            io.write_json(args.metrics, metrics)
         tr.log_metrics(metrics)
     return (f"pairs: {len(samples)} samples from {len(prompts)} prompts → {len(pairs)} pairs "
             f"(ties {dropped['ties']}, unscorable {dropped['unscorable']}), {metrics['perf/gen_tokens_per_sec']:.0f} "
@@ -173,4 +171,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    stage.run(main)
+    stage.run(main, parallel=True)

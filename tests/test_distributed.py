@@ -39,34 +39,85 @@ def run(d, stage: str, out: str, processes: int, **extra):
     return helpers.stage(name, *rest, cwd=d, ALIGNPIPE_PROCESSES=processes, **extra)
 
 
-@pytest.mark.parametrize("stage, section, settings", [
-    ("sft", "sft", {"steps": 6}),
-    ("reward", "reward", {"steps": 6}),
-    ("dpo", "align.dpo", {"steps": 4, "lr": 1e-3}),
-    ("grpo", "align.grpo", {"steps": 3, "lr": 1e-3, "reward": {"reward_model": 1.0}}),
-])
-def test_two_processes_equal_one(upstream, stage, section, settings):  # noqa: F811
+@pytest.mark.parametrize("stage, section, settings, sharded", [
+    ("sft", "sft", {"steps": 6}, False),
+    ("reward", "reward", {"steps": 6}, False),
+    ("dpo", "align.dpo", {"steps": 4, "lr": 1e-3}, False),
+    ("grpo", "align.grpo", {"steps": 3, "lr": 1e-3, "reward": {"reward_model": 1.0}}, False),
+    ("sft", "sft", {"steps": 6}, True),
+    ("reward", "reward", {"steps": 6}, True),
+    ("ppo", "align.ppo", {"steps": 3, "lr": 1e-3}, True),
+    ("grpo", "align.grpo", {"steps": 3, "lr": 1e-3, "reward": {"reward_model": 1.0}}, True),
+], ids=lambda v: "fsdp" if v is True else "ddp" if v is False else None)
+def test_two_processes_equal_one(upstream, stage, section, settings, sharded):  # noqa: F811
+    """sharded: FSDP (each process holds half of every weight, gradient and optimizer state; the written
+    model is gathered), else each process a full copy with summed gradients."""
     d = upstream
     smoke_params(d / "params.yaml", **{f"{section}.{k}": v for k, v in settings.items()})
+    two_out = f"models/{stage}_2p{'_fsdp' if sharded else ''}"
     try:
         run(d, stage, f"models/{stage}_1p", 1)
-        two = run(d, stage, f"models/{stage}_2p", 2)
+        two = run(d, stage, two_out, 2, ALIGNPIPE_FSDP=int(sharded))
     finally:
         shutil.copy(helpers.SMOKE, d / "params.yaml")
     assert len([x for x in two.stdout.splitlines() if x.startswith(("sft:", "reward:", "align@"))]) == 1  # main only
-    assert max_gap(weights(d / f"models/{stage}_1p"), weights(d / f"models/{stage}_2p")) < TOL
-    m1, m2 = (json.loads((d / f"models/{stage}_{n}p.json").read_text()) for n in (1, 2))
+    one_w, two_w = weights(d / f"models/{stage}_1p"), weights(d / two_out)
+    assert one_w.keys() == two_w.keys()  # a tied weight written once, as save_pretrained does
+    assert max_gap(one_w, two_w) < TOL
+    m1, m2 = (json.loads((d / f"{out}.json").read_text()) for out in (f"models/{stage}_1p", two_out))
     assert m2["train/loss"] == pytest.approx(m1["train/loss"], rel=1e-4)
     assert m2["train/grad_norm"] == pytest.approx(m1["train/grad_norm"], rel=1e-4)
 
 
-def test_a_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(upstream):  # noqa: F811
+def read_rows(path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def same_rows(a: list[dict], b: list[dict]) -> None:
+    """The same rows: token ids, texts and labels equal; floats to 1e-4 (a shard's forward passes see
+    other batch shapes than one process's, which moves the last bits of a sum)."""
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], float):
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-4), key
+            else:
+                assert x[key] == y[key], key
+
+
+def test_generation_and_scoring_are_sharded_and_equal_one_process(upstream):  # noqa: F811
+    """pairs (sampling, reward-model scores, reference log-probs) and evaluate (greedy answers, sampled
+    KL, win rate) on 2 processes, each generating half the prompts, give what 1 process gives: every
+    completion draws from its own random stream (rollout.sample)."""
     d = upstream
+    for n in (1, 2):
+        helpers.stage("pairs", "--prompts", "data/prompts.jsonl", "--sft", "models/sft", "--reward", "models/reward",
+                      "--out", f"pairs_{n}p", "--metrics", f"pairs_{n}p.json", cwd=d, ALIGNPIPE_PROCESSES=n)
+        helpers.stage("evaluate", "dpo", "--eval", "data/eval.jsonl", "--policy", "models/sft", "--ref", "models/base",
+                      "--reward", "models/reward", "--train-metrics", "metrics/train_sft.json", "--baseline",
+                      "evals/sft.jsonl", "--out", f"eval_{n}p.json", "--answers", f"answers_{n}p.jsonl", cwd=d,
+                      ALIGNPIPE_PROCESSES=n)
+    for name in ("samples", "pairs", "kto"):
+        same_rows(read_rows(d / "pairs_1p" / f"{name}.jsonl"), read_rows(d / "pairs_2p" / f"{name}.jsonl"))
+    same_rows(read_rows(d / "answers_1p.jsonl"), read_rows(d / "answers_2p.jsonl"))
+    e1, e2 = (json.loads((d / f"eval_{n}p.json").read_text()) for n in (1, 2))
+    for key in ("eval/accuracy", "eval/reward_mean", "eval/win_rate_vs_sft", "eval/kl_to_ref", "eval/length"):
+        assert e2[key] == pytest.approx(e1[key], rel=1e-4, abs=1e-5), key
+    assert e1["eval/kl_to_ref"] > 0
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
+def test_a_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(upstream, sharded):  # noqa: F811
+    """Under FSDP the checkpoint holds the gathered full weights and optimizer state, and each process
+    takes its shard back on resume."""
+    d = upstream
+    straight, resumed = (f"models/s_{name}_{'fsdp' if sharded else 'ddp'}" for name in ("straight", "resumed"))
     smoke_params(d / "params.yaml", **{"sft.steps": 40, "sft.checkpoint_every": 5, "sft.probes": 0})
     try:
-        run(d, "sft", "models/s_straight", 2)
-        env = helpers.env(ALIGNPIPE_PROCESSES=2)
-        proc = subprocess.Popen([sys.executable, "-m", "stages.sft", *args("sft", "models/s_resumed")[1:]], cwd=d,
+        run(d, "sft", straight, 2, ALIGNPIPE_FSDP=int(sharded))
+        env = helpers.env(ALIGNPIPE_PROCESSES=2, ALIGNPIPE_FSDP=int(sharded))
+        proc = subprocess.Popen([sys.executable, "-m", "stages.sft", *args("sft", resumed)[1:]], cwd=d,
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         meta = d / ".checkpoints" / "sft" / "meta.json"
         deadline = time.time() + 120
@@ -76,18 +127,18 @@ def test_a_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(upstre
         proc.wait()
         assert meta.exists(), "no checkpoint before the stage ended"
         time.sleep(0.5)
-        assert not (d / "models" / "s_resumed").exists()  # no orphan process finished the stage
+        assert not (d / resumed).exists()  # no orphan process finished the stage
         import torch
 
         before = torch.load(d / ".checkpoints" / "sft" / "state.pt", weights_only=False)["extra"]["elapsed_s"]
-        out = run(d, "sft", "models/s_resumed", 2)
+        out = run(d, "sft", resumed, 2, ALIGNPIPE_FSDP=int(sharded))
     finally:
         shutil.copy(helpers.SMOKE, d / "params.yaml")
     assert "resuming from step" in out.stdout
-    assert max_gap(weights(d / "models" / "s_straight"), weights(d / "models" / "s_resumed")) < 1e-6
+    assert max_gap(weights(d / straight), weights(d / resumed)) < 1e-6
     assert not (d / ".checkpoints" / "sft").exists()  # cleared once the outputs were written
-    resumed = json.loads((d / "models" / "s_resumed.json").read_text())
-    assert resumed["cost/wall_s"] > before > 0  # the cost counts the segment before the kill too
+    metrics = json.loads((d / f"{resumed}.json").read_text())
+    assert metrics["cost/wall_s"] > before > 0  # the cost counts the segment before the kill too
 
 
 def test_a_failing_process_is_one_line_and_a_nonzero_exit(upstream):  # noqa: F811
@@ -103,6 +154,17 @@ def test_a_failing_process_is_one_line_and_a_nonzero_exit(upstream):  # noqa: F8
     assert not (d / "models" / "r_fail").exists()
 
 
+def test_what_fsdp_does_not_support_is_one_line(upstream):  # noqa: F811
+    d = upstream
+    smoke_params(d / "params.yaml", **{"sft.lora": {"r": 4}})
+    try:
+        out = helpers.stage(*args("sft", "models/s_lora"), cwd=d, check=False, ALIGNPIPE_PROCESSES=2, ALIGNPIPE_FSDP=1)
+    finally:
+        shutil.copy(helpers.SMOKE, d / "params.yaml")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: lora.r: LoRA is not supported under FSDP")
+
+
 def test_processes_come_from_the_machines_accelerate_config(tmp_path, monkeypatch):
     from stages.core import dist
 
@@ -114,4 +176,10 @@ def test_processes_come_from_the_machines_accelerate_config(tmp_path, monkeypatc
     assert dist.wanted_processes() == 8
     monkeypatch.setenv("ALIGNPIPE_PROCESSES", "2")
     assert dist.wanted_processes() == 2
+    dist._fsdp_wanted.cache_clear()
+    assert not dist._fsdp_wanted()
+    (tmp_path / "accelerate" / "default_config.yaml").write_text("distributed_type: FSDP\nnum_processes: 8\n")
+    dist._fsdp_wanted.cache_clear()
+    assert dist._fsdp_wanted() and not dist.fsdp()  # chosen, but a single process has nothing to shard
+    dist._fsdp_wanted.cache_clear()
     assert os.environ.get("WORLD_SIZE") is None  # the tests themselves run in one process

@@ -7,11 +7,15 @@ config (what `accelerate config` writes: $HF_HOME/accelerate/default_config.yaml
 (by `dvc repro`, say) starts its N processes itself (`launch`); each runs the same code on its share
 of every optimizer update's micro-batches, their gradients are summed across processes before the
 update (so the update is the one a single process makes on the whole batch), and only the main
-process writes outputs, checkpoints, metrics and MLflow runs.
+process writes outputs, checkpoints, metrics and MLflow runs. Generation and the no-grad scoring
+passes (reference log-probs, reward-model scores) are sharded too: each process computes a contiguous
+share of the rows (`share`, `map_rows`) and every process gets all of them back, so what follows is
+the same on every process.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -36,6 +40,27 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def machine_config() -> tuple[Path, dict]:
+    """The machine's accelerate config (what `accelerate config` writes) → (its path, its settings;
+    {} when there is none)."""
+    from .config import ConfigError
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    home = Path(os.environ.get("HF_HOME", cache / "huggingface"))
+    path = Path(os.environ.get("ACCELERATE_CONFIG_FILE", home / "accelerate" / "default_config.yaml"))
+    if not path.exists():
+        return path, {}
+    import yaml
+
+    try:
+        settings = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        settings = None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: not a readable accelerate config (a YAML mapping)")
+    return path, settings
+
+
 def wanted_processes() -> int:
     """Processes this machine runs a stage on: ALIGNPIPE_PROCESSES, else its accelerate config's num_processes."""
     from .config import ConfigError
@@ -45,17 +70,26 @@ def wanted_processes() -> int:
             return max(1, int(os.environ["ALIGNPIPE_PROCESSES"]))
         except ValueError:
             raise ConfigError(f"ALIGNPIPE_PROCESSES: {os.environ['ALIGNPIPE_PROCESSES']!r} is not a number") from None
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    home = Path(os.environ.get("HF_HOME", cache / "huggingface"))
-    config = Path(os.environ.get("ACCELERATE_CONFIG_FILE", home / "accelerate" / "default_config.yaml"))
-    if not config.exists():
-        return 1
-    import yaml
-
+    path, settings = machine_config()
     try:
-        return max(1, int((yaml.safe_load(config.read_text()) or {}).get("num_processes") or 1))
-    except (yaml.YAMLError, ValueError, TypeError, AttributeError):
-        raise ConfigError(f"{config}: num_processes is not readable (the machine's accelerate config)") from None
+        return max(1, int(settings.get("num_processes") or 1))
+    except (ValueError, TypeError):
+        raise ConfigError(f"{path}: num_processes is not a number (the machine's accelerate config)") from None
+
+
+@functools.cache
+def _fsdp_wanted() -> bool:
+    flag = os.environ.get("ALIGNPIPE_FSDP")
+    if flag:
+        return flag.lower() in ("1", "true", "yes")
+    return str(machine_config()[1].get("distributed_type", "")).upper() == "FSDP"
+
+
+def fsdp() -> bool:
+    """Launched with the model's weights, gradients and optimizer state sharded across the processes
+    (FSDP, stages/core/fsdp.py) rather than copied on each: ALIGNPIPE_FSDP=1, or `distributed_type: FSDP`
+    in the machine's accelerate config."""
+    return world() > 1 and _fsdp_wanted()
 
 
 def launch(module: str, argv: list[str], n: int) -> int:
@@ -165,6 +199,30 @@ def gather(obj) -> list:
     out = [None] * world()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def share(n: int, group: int = 1) -> slice:
+    """This process's contiguous share of n rows, in whole groups of `group` rows (a prompt's
+    completions stay together); shares differ in size by at most one group. Under FSDP every forward
+    pass is a collective, so each process runs all the rows, in step with the others."""
+    if fsdp():
+        return slice(0, n)
+    groups, r, w = n // group, rank(), world()
+    return slice(groups * r // w * group, groups * (r + 1) // w * group)
+
+
+def map_rows(fn, n: int, group: int = 1, device=None):
+    """fn(rows: slice) on this process's share of n rows, every process's result gathered in order:
+    tensors concatenated along dim 0 (on `device`, else the CPU), lists joined. Every process must call
+    it (a collective); alone, or under FSDP, it is fn(slice(0, n))."""
+    if world() == 1 or fsdp():
+        return fn(slice(0, n))
+    mine = share(n, group)
+    out = fn(mine) if mine.stop > mine.start else None
+    parts = [p for p in gather(out.cpu() if isinstance(out, torch.Tensor) else out) if p is not None]
+    if parts and isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts).to(device or "cpu")
+    return [x for p in parts for x in p]
 
 
 def barrier() -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import data, models, rewards, rollout
+from . import data, dist, models, rewards, rollout
 from .logprobs import Sequences, completion_logits
 
 
@@ -27,11 +27,17 @@ class Answers:
 
 
 def generate(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
-             temperature: float = 0.0, n: int = 1, generator: torch.Generator | None = None) -> Answers:
-    """Sample (or, at temperature 0, greedily decode) completions and decode them to text."""
+             temperature: float = 0.0, n: int = 1, seed: int | None = None) -> Answers:
+    """Sample (or, at temperature 0, greedily decode) n completions of each prompt (rollout.sample) and
+    decode them to text. In a launched stage every process calls it and samples its share of the
+    prompts; each gets all the completions back (the same ones a single process would sample)."""
     device = next(model.parameters()).device
-    r = rollout.sample(model, prompt_ids, n, max_new_tokens, temperature, models.stop_ids(tok), tok.pad_token_id,
-                       batch_size, generator, device)
+    mine = dist.share(len(prompt_ids))
+    r = rollout.sample(model, prompt_ids[mine], n, max_new_tokens, temperature, models.stop_ids(tok),
+                       tok.pad_token_id, batch_size, seed, mine.start * n, device) if mine.stop > mine.start else None
+    if dist.world() > 1 and not dist.fsdp():  # each process sampled its share
+        parts = [p for p in dist.gather(r.to("cpu") if r is not None else None) if p is not None]
+        r = rollout.concat(parts, tok.pad_token_id).to(device)
     return Answers(r, decode(tok, r.seqs))
 
 
@@ -67,14 +73,18 @@ def probe_accuracy(model, tok, probe_rows: list[dict], max_new_tokens: int, batc
 def kl_to_reference(policy, ref, seqs: Sequences, batch_size: int) -> torch.Tensor:
     """KL(π‖π_ref) of each sequence, summed over its completion tokens with the full next-token
     distributions (exact at each step along the sampled path; unbiased for the sequence KL when the
-    paths are sampled from π, and never negative).  → [N]
+    paths are sampled from π, and never negative). Sharded across processes (dist.map_rows).  → [N]
     """
-    out = []
     device = next(policy.parameters()).device
-    for i in range(0, len(seqs), batch_size):
-        part = seqs.select(slice(i, i + batch_size)).to(device)
-        logp = torch.log_softmax(completion_logits(policy, part).float(), -1)  # [b, C, V]
-        logq = torch.log_softmax(completion_logits(ref, part).float(), -1)  # [b, C, V]
-        per_token = (logp.exp() * (logp - logq)).sum(-1)  # [b, C]
-        out.append((per_token * part.completion_mask).sum(-1).cpu())
-    return torch.cat(out)
+
+    def kl(rows: slice) -> torch.Tensor:
+        out = []
+        for i in range(rows.start, rows.stop, batch_size):
+            part = seqs.select(slice(i, min(i + batch_size, rows.stop))).to(device)
+            logp = torch.log_softmax(completion_logits(policy, part).float(), -1)  # [b, C, V]
+            logq = torch.log_softmax(completion_logits(ref, part).float(), -1)  # [b, C, V]
+            per_token = (logp.exp() * (logp - logq)).sum(-1)  # [b, C]
+            out.append((per_token * part.completion_mask).sum(-1).cpu())
+        return torch.cat(out)
+
+    return dist.map_rows(kl, len(seqs))

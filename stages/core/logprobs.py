@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import dist
+
 
 @dataclass
 class Sequences:
@@ -123,10 +125,13 @@ def _chunked_token_logps(model, seqs: Sequences, temperature: float, with_entrop
 
 @torch.no_grad()
 def batched_token_logps(model, seqs: Sequences, batch_size: int, temperature: float = 1.0) -> torch.Tensor:
-    """token_logps in chunks, without grad (reference and old-policy log-probs).  → [B, C]"""
-    parts = [token_logps(model, seqs.select(slice(i, i + batch_size)), temperature)
-             for i in range(0, len(seqs), batch_size)]
-    return torch.cat(parts)
+    """token_logps in chunks, without grad (reference and old-policy log-probs), sharded across the
+    processes of a launched stage (every process calls it and gets every row).  → [B, C] on seqs' device"""
+    def part(rows: slice) -> torch.Tensor:
+        return torch.cat([token_logps(model, seqs.select(slice(i, min(i + batch_size, rows.stop))), temperature)
+                          for i in range(rows.start, rows.stop, batch_size)])
+
+    return dist.map_rows(part, len(seqs), device=seqs.input_ids.device)
 
 
 def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist
+from . import dist, fsdp
 from .config import ConfigError
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -159,13 +159,19 @@ def stop_ids(tok) -> list[int]:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def save(model, tok, out: str | Path, dtype: torch.dtype = torch.float32, adapter_only: bool = False) -> None:
+def save(model, tok, out: str | Path, dtype: torch.dtype = torch.float32, adapter_only: bool = False,
+         state: dict | None = None) -> None:
     """save_pretrained of the model in `dtype` and its tokenizer. Trained models are saved in float32: a
     fine-tuning step moves a weight by less than bf16's resolution, so a bf16 copy loses the training
     (measured on SmolLM2-135M after 10 DPO steps at lr 5e-6: 2.6% of the weights change at all in bf16,
     and the bf16 delta is off from the true one by 97% of its norm). A LoRA model is merged (base +
     adapter folded into plain weights) unless adapter_only: then the adapter alone, with the model's
-    config (a reward model's score statistics live there), and its base recorded in adapter_config.json."""
+    config (a reward model's score statistics live there), and its base recorded in adapter_config.json.
+    state: the model's full state dict when its own parameters are shards (FSDP)."""
+    if state is not None:
+        model.save_pretrained(out, state_dict={k: v.to(dtype) for k, v in state.items()})
+        tok.save_pretrained(out)
+        return
     if is_lora(model):
         if adapter_only:
             model.save_pretrained(out)
@@ -177,10 +183,11 @@ def save(model, tok, out: str | Path, dtype: torch.dtype = torch.float32, adapte
     tok.save_pretrained(out)
 
 
-def non_finite_weights(model) -> tuple[int, list[str]]:
-    """(how many weights are NaN or infinite, the names of the tensors that hold them)."""
+def non_finite_weights(model, state: dict | None = None) -> tuple[int, list[str]]:
+    """(how many weights are NaN or infinite, the names of the tensors that hold them); state: the full
+    state dict of a sharded model."""
     count, names, seen = 0, [], set()
-    for name, p in model.state_dict().items():
+    for name, p in (model.state_dict() if state is None else state).items():
         if p.is_floating_point() and p.data_ptr() not in seen:  # tied weights once
             seen.add(p.data_ptr())
             bad = int((~torch.isfinite(p)).sum())
@@ -203,9 +210,13 @@ def backbone(model):
 def for_training(model, c, task: str = "CAUSAL_LM"):
     """The model a stage trains, as its params section `c` says: gradient checkpointing (activations
     recomputed in the backward pass) and LoRA adapters through peft (c.lora.r > 0: only the adapters,
-    and a reward or value model's score head, are trained)."""
+    and a reward or value model's score head, are trained); sharded with FSDP when the machine says so
+    (dist.fsdp)."""
     if c.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if dist.fsdp():
+        fsdp.check(c, task)
+        return fsdp.shard(model, task)
     if not c.lora.r:
         return model
     from peft import LoraConfig, get_peft_model

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import answers, models
+from . import answers, dist, models
 from .config import ConfigError
 from .logprobs import Sequences, position_ids
 
@@ -107,9 +107,13 @@ def score_sequences(rm, seqs: Sequences) -> torch.Tensor:
 
 @torch.no_grad()
 def reward_model_scores(rm, seqs: Sequences, batch_size: int) -> torch.Tensor:
-    """score_sequences in chunks, without grad.  → [N] on the CPU"""
-    return torch.cat([score_sequences(rm, seqs.select(slice(i, i + batch_size)).to(rm.device)).cpu()
-                      for i in range(0, len(seqs), batch_size)])
+    """score_sequences in chunks, without grad, sharded across the processes of a launched stage
+    (every process calls it and gets every score).  → [N] on the CPU"""
+    def part(rows: slice) -> torch.Tensor:
+        return torch.cat([score_sequences(rm, seqs.select(slice(i, min(i + batch_size, rows.stop))).to(rm.device)).cpu()
+                          for i in range(rows.start, rows.stop, batch_size)])
+
+    return dist.map_rows(part, len(seqs))
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

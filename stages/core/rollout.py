@@ -1,12 +1,17 @@
-"""Sampling completions with the KV cache: batched, EOS-aware, reproducible from a torch.Generator.
+"""Sampling completions with the KV cache: batched, EOS-aware, reproducible from a seed.
 
 The output is a `Sequences` batch in the shared layout (left-padded prompt, right-padded completion)
 plus the log-probs the sampler drew each token with, so a trainer can check that its own log-probs
 of the same tokens agree (stale generation weights show up as a mismatch).
+
+Every completion draws its tokens from a random stream of its own, named by (seed, row): what a row
+samples does not depend on which other rows share its batch or its process, so generation can be
+split across processes (or batched differently) and give the same completions.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +36,23 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         return self.seqs.completion_mask.sum(-1)  # [N]
 
+    def to(self, device) -> "Rollout":
+        return Rollout(self.seqs.to(device), self.sample_logps.to(device), self.truncated.to(device))
+
+
+def stream_seed(*keys: int) -> int:
+    """The seed of the random stream named by `keys` (say the run's seed, a step and a row): a hash, so
+    nearby keys give unrelated streams."""
+    return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _draw(probs: torch.Tensor, streams: list[torch.Generator]) -> torch.Tensor:
+    """One token per row from its own stream, by inverting the CDF with one uniform draw per row (a
+    zero-probability token is never drawn).  probs [N, V] → [N]"""
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in streams]).to(probs.device)  # [N]
+    cdf = probs.double().cumsum(-1)  # [N, V]
+    target = (1.0 - u) * cdf[:, -1]  # in (0, total]
+    return torch.searchsorted(cdf, target[:, None]).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists → (input_ids [N, P], attention_mask [N, P]), padded on the left."""
@@ -45,7 +67,7 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def _sample_batch(model, prompt_ids, prompt_mask, max_new_tokens, temperature, stop_ids, pad_id, generator):
+def _sample_batch(model, prompt_ids, prompt_mask, max_new_tokens, temperature, stop_ids, pad_id, streams):
     from transformers import DynamicCache
 
     n, p = prompt_ids.shape
@@ -63,7 +85,7 @@ def _sample_batch(model, prompt_ids, prompt_mask, max_new_tokens, temperature, s
         logits = out.logits[:, -1].float()  # [N, V]
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
+            tok = _draw(probs, streams)  # [N]
             lp = selective_log_softmax(logits / temperature, tok)
         else:
             tok = logits.argmax(-1)
@@ -79,19 +101,22 @@ def _sample_batch(model, prompt_ids, prompt_mask, max_new_tokens, temperature, s
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos + step,
                     past_key_values=cache, use_cache=True)
     completion = torch.stack(tokens, dim=1)  # [N, C]
-    seqs = Sequences(torch.cat([prompt_ids, completion], 1), mask, p)
-    return seqs, torch.stack(logps, dim=1), ~done
+    return Rollout(Sequences(torch.cat([prompt_ids, completion], 1), mask, p), torch.stack(logps, dim=1), ~done)
 
 
 def sample(model, prompts: list[list[int]], n_per_prompt: int, max_new_tokens: int, temperature: float,
-           stop_ids: int | list[int], pad_id: int, batch_size: int, generator: torch.Generator | None = None,
+           stop_ids: int | list[int], pad_id: int, batch_size: int, seed: int | None = None, first_row: int = 0,
            device: torch.device | str = "cpu") -> Rollout:
     """`n_per_prompt` completions of each prompt, grouped: rows i*n … i*n+n-1 belong to prompt i.
 
-    temperature 0 is greedy; a completion ends at the first of `stop_ids` (every EOS the model's
-    generation config lists), which it keeps. Rows are generated `batch_size` at a time; all come back padded to one
-    width (the longest completion) so the result is one batch in the shared layout.
+    temperature 0 is greedy; above 0 row i draws from the stream stream_seed(seed, first_row + i)
+    (first_row: where these rows start in a larger batch split across processes). A completion ends
+    at the first of `stop_ids` (every EOS the model's generation config lists), which it keeps. Rows
+    are generated `batch_size` at a time; all come back padded to one width (the longest completion)
+    so the result is one batch in the shared layout.
     """
+    if temperature > 0 and seed is None:
+        raise ValueError("sampling at a temperature above 0 needs a seed")
     rows = [r for r in prompts for _ in range(n_per_prompt)]
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     was_training = model.training
@@ -99,17 +124,21 @@ def sample(model, prompts: list[list[int]], n_per_prompt: int, max_new_tokens: i
     parts = []
     for i in range(0, len(rows), batch_size):
         ids, mask = left_pad(rows[i:i + batch_size], pad_id)
+        streams = [torch.Generator().manual_seed(stream_seed(seed, first_row + j))
+                   for j in range(i, i + len(ids))] if temperature > 0 else None
         parts.append(_sample_batch(model, ids.to(device), mask.to(device), max_new_tokens, temperature,
-                                   stop_ids, pad_id, generator))
+                                   stop_ids, pad_id, streams))
     model.train(was_training)
-    return _concat(parts, pad_id)
+    return concat(parts, pad_id)
 
 
-def _concat(parts, pad_id) -> Rollout:
-    p = max(s.prompt_len for s, _, _ in parts)
-    c = max(s.input_ids.shape[1] - s.prompt_len for s, _, _ in parts)
+def concat(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of different prompt and completion widths as one batch in the shared layout."""
+    p = max(r.seqs.prompt_len for r in parts)
+    c = max(r.seqs.input_ids.shape[1] - r.seqs.prompt_len for r in parts)
     ids, masks, logps, trunc = [], [], [], []
-    for s, lp, tr in parts:
+    for r in parts:
+        s, lp, tr = r.seqs, r.sample_logps, r.truncated
         lpad, rpad = p - s.prompt_len, c - (s.input_ids.shape[1] - s.prompt_len)
         ids.append(torch.nn.functional.pad(s.input_ids, (lpad, rpad), value=pad_id))
         masks.append(torch.nn.functional.pad(s.attention_mask, (lpad, rpad), value=0))

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Callable
 
-from . import dist, models, tracking
+from . import dist, fsdp, models, tracking
 from .config import ConfigError
 from .io import atomic_dir, write_csv, write_json
 
@@ -31,15 +31,16 @@ def write_trained(model, tok, out: str, metrics_path: str, metrics: dict, plots_
     """A training stage's outputs, each written atomically (the model directory with its tokenizer, in
     float32: models.save says why; a LoRA model merged, or its adapter alone when c.lora.output says so;
     the metrics json, the per-step plot csv), and its final metrics to MLflow."""
+    state = fsdp.full_state(model, tied_once=True) if fsdp.is_sharded(model) else None  # every process: a collective
     if not dist.is_main():
         return
-    bad, names = models.non_finite_weights(model)
+    bad, names = models.non_finite_weights(model, state)
     if bad:  # never recorded as a result: DVC would cache it and every later stage would read it
         raise StageFailed(f"{bad} weights are NaN or infinite after training (in {names[0]}"
                           f"{f' and {len(names) - 1} more tensors' if len(names) > 1 else ''}; "
                           f"train/skipped_steps {metrics.get('train/skipped_steps', 0):g}); no model written")
     with atomic_dir(out) as tmp:
-        models.save(model, tok, tmp, adapter_only=c is not None and c.lora.output == "adapter")
+        models.save(model, tok, tmp, adapter_only=c is not None and c.lora.output == "adapter", state=state)
     write_json(metrics_path, metrics)
     write_csv(plots_path, rows)
     tracker.log_metrics(metrics, step=step)

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from . import dist, models
+from . import dist, fsdp, models
 from .io import atomic_dir
 from .stage import StageFailed
 
@@ -113,13 +113,16 @@ class GuardedStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total, stats, weights, tokens, finite = 0.0, {}, {}, 0, True
-        for m in micros[dist.rank()::dist.world()]:
+        sharded = dist.fsdp()
+        for m in self._mine(micros, sharded):
             loss, st, n = m.loss()
-            tokens += n
+            tokens += n if m.share else 0
             if not torch.isfinite(loss):
                 finite = False
-                break
-            (loss * m.share if m.share != 1.0 else loss).backward()
+                if not sharded:  # under FSDP every process runs every backward pass, in step
+                    break
+            scale = m.share * dist.world() if sharded else m.share  # FSDP averages the gradients over processes
+            (loss * scale if scale != 1.0 else loss).backward()
             total += m.share * loss.item()
             for k, v in st.items():
                 if v is not None and not k.startswith("_"):  # _name: for the method's own checks
@@ -130,17 +133,29 @@ class GuardedStep:
             total, tokens, finite = sum(p[0] for p in parts), sum(p[3] for p in parts), all(p[4] for p in parts)
             stats = {k: sum(p[1].get(k, 0.0) for p in parts) for k in dict.fromkeys(k for p in parts for k in p[1])}
             weights = {k: sum(p[2].get(k, 0.0) for p in parts) for k in stats}
-            if finite:
+            if finite and not sharded:
                 dist.sum_grads(self.params)
         if not finite:
             return float("nan"), self._skip("loss"), {}, tokens
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         if not math.isfinite(grad_norm):
             return total, self._skip("gradient"), {}, tokens
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._in_a_row = 0
         return total, grad_norm, {k: v / weights[k] for k, v in stats.items() if weights[k]}, tokens
+
+    @staticmethod
+    def _mine(micros: list[Micro], sharded: bool) -> list[Micro]:
+        """This process's micro-batches: every world-th one. Under FSDP each process must run as many
+        forward and backward passes as the others: the short ones repeat their first with share 0."""
+        mine = micros[dist.rank()::dist.world()]
+        if sharded:
+            most = -(-len(micros) // dist.world())
+            pad = Micro(micros[0].loss, 0.0)
+            mine = mine + [pad] * (most - len(mine))
+        return mine
 
     def __call__(self, loss: torch.Tensor, lr: float) -> float:
         """An update from one precomputed loss → grad norm."""
@@ -179,15 +194,18 @@ class Checkpoint:
     def __init__(self, stage: str, cfg_dump: dict, inputs: list[str | Path], root: str | Path = ".checkpoints"):
         self.stage = stage
         self.dir = Path(root) / stage
-        self.fp = fingerprint(cfg_dump, inputs)
+        self.fp = fingerprint({**cfg_dump, **({"fsdp": True} if dist.fsdp() else {})}, inputs)  # FSDP's own format
 
     def resume(self, model, optimizer) -> tuple[int, list[dict], dict]:
         """Restore model and optimizer from a matching checkpoint → (start step, logged rows, extra)."""
         state = self.load()
         if state is None:
             return 0, [], {}
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp.is_sharded(model):
+            fsdp.load(model, optimizer, state["model"], state["optimizer"])
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         print(f"{self.stage}: resuming from step {state['step']} (checkpoint {self.dir})")
         return state["step"], state["rows"], state.get("extra", {})
@@ -197,7 +215,11 @@ class Checkpoint:
         """Save after 1-based `step` when it is a multiple of `every` (not at the end: outputs are);
         `extra()`: the loop's and the method's own state, asked for only when saving."""
         if step % every == 0 and step < total:
-            self.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            if fsdp.is_sharded(model):  # gathered by every process, written by the main one
+                weights, opt_state = fsdp.full_state(model), fsdp.full_optimizer_state(model, optimizer)
+            else:
+                weights, opt_state = model.state_dict(), optimizer.state_dict()
+            self.save({"step": step, "model": weights, "optimizer": opt_state,
                        "rows": rows, "rng": torch.get_rng_state(), "extra": extra() if extra else {}})
 
     def load(self) -> dict | None:
@@ -325,7 +347,7 @@ def fit(name: str, model, c, seed: int, tracker, inputs: list, plan: Callable[[i
                             "perf/rollout_tokens_per_sec": p.generated / max(p.gen_seconds, 1e-9)})
             gen = {"gen_seconds": gen["gen_seconds"] + p.gen_seconds,
                    "step_seconds": gen["step_seconds"] + step_seconds, "generated": gen["generated"] + p.generated}
-        if step + 1 in probe_at and dist.is_main():  # metrics only the main process writes
+        if step + 1 in probe_at:  # every process: its generation is sharded
             metrics.update(probe())
         log.step(step + 1, metrics, tokens=sum(d[3] for d in done))
         ckpt.maybe_save(step + 1, c.checkpoint_every, steps, model, opt, log.rows,

@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from stages.core import advantages, evaluation, io, losses, models, rewards, stage, train
+from stages.core import advantages, evaluation, io, losses, models, rewards, rollout, stage, train
 from stages.core.logprobs import Sequences, batched_token_logps, sequence_logps, token_logps
 
 
@@ -72,15 +72,17 @@ def load_models(cfg, c, args, device, needs_ref: bool):
 
 
 @torch.no_grad()
-def collect(policy, ref, rm, tok, rows: list[dict], c, generator, device, need_old: bool, verifier=None) -> Batch:
-    """Sample, score and measure a generation batch from the current policy. need_old: compute the
+def collect(policy, ref, rm, tok, rows: list[dict], c, seed: int, device, need_old: bool, verifier=None) -> Batch:
+    """Sample, score and measure a generation batch from the current policy (seed: names the random
+    streams of its completions, rollout.sample; in a launched stage every process samples and scores its
+    share and gets the whole batch back, dist.map_rows). need_old: compute the
     old log-probs with the trainer's forward pass (not the sampler's: under bf16 the KV-cache decode
     and the full forward differ, and the ratio must be exactly 1 before the first update)."""
     k = c.num_generations
     t0 = time.perf_counter()
     with models.autocast(device):
         ans = evaluation.generate(policy, tok, [r["prompt_ids"] for r in rows], c.max_new_tokens,
-                                  c.gen_batch_size, c.temperature, k, generator)
+                                  c.gen_batch_size, c.temperature, k, seed)
     gen_seconds = time.perf_counter() - t0
     seqs = ans.seqs.to(device)
     columns = rewards.group_columns(rows, k)
@@ -211,7 +213,6 @@ def fit(method, cfg, args, device, tracker, t0: float):
     prompts = read_prompts(args.prompts, c, cfg.verifier)
     probe = prompts[:c.probe_size]
     tok, policy, ref, rm = load_models(cfg, c, args, device, method.needs_reference(c))
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     seen: list[torch.Tensor] = []  # rewards of the first steps, for check_signal
 
     def micro(b: Batch, idx, adv, batch_tokens: float, first: bool):
@@ -226,7 +227,7 @@ def fit(method, cfg, args, device, tracker, t0: float):
 
     def plan(step: int) -> train.Plan:
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
-        b = collect(policy, ref, rm, tok, rows, c, generator, device, need_old, cfg.verifier)
+        b = collect(policy, ref, rm, tok, rows, c, rollout.stream_seed(cfg.seed, step), device, need_old, cfg.verifier)
         check_signal(seen, b, step, c, method.name)
         adv, adv_stats = advantage_fn(b, c)
         parts = torch.arange(len(b.seqs), device=device).chunk(c.minibatches)
@@ -243,7 +244,6 @@ def fit(method, cfg, args, device, tracker, t0: float):
 
     run = train.fit(f"align-{method.name}", policy, c, cfg.seed, tracker,
                     [args.prompts, args.sft] + ([args.reward] if rm is not None else []), plan, steps=c.steps,
-                    device=device, t0=t0, probe=probe_fn, state=lambda: {"generator": generator.get_state()},
-                    restore=lambda extra: generator.set_state(extra["generator"]))
+                    device=device, t0=t0, probe=probe_fn)
     held = 1 + (ref is not None and not c.lora.r) + (rm is not None)  # a LoRA reference is the policy itself
     return policy, tok, {**run.metrics, "cost/models_in_memory": held}, run

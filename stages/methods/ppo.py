@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from stages.core import advantages, evaluation, losses, models, train
+from stages.core import advantages, evaluation, losses, models, rollout, train
 from stages.core.logprobs import position_ids, token_logps
 from stages.methods.online import (
     check_signal,
@@ -84,7 +84,6 @@ def fit(method, cfg, args, device, tracker, t0: float):
     value_model = models.load_reward_model(args.reward, device, trainable=True)
     value_model = models.disable_dropout(models.for_training(value_model, c, task="SEQ_CLS"))
     both = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # one optimizer, one checkpoint
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     kl_ctl = AdaptiveKL(c.kl_coef, c.kl_target, c.kl_horizon, c.adaptive_kl)
     kl_fn = losses.KL_ESTIMATORS[c.kl_estimator]
     seen: list[torch.Tensor] = []  # rewards of the first steps, for check_signal
@@ -104,7 +103,8 @@ def fit(method, cfg, args, device, tracker, t0: float):
 
     def plan(step: int) -> train.Plan:
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
-        b = collect(policy, ref, rm, tok, rows, c, generator, device, need_old=True, verifier=cfg.verifier)
+        b = collect(policy, ref, rm, tok, rows, c, rollout.stream_seed(cfg.seed, step), device, need_old=True,
+                    verifier=cfg.verifier)
         check_signal(seen, b, step, c, method.name)
         targets = rollout_targets(b, value_model, kl_fn, kl_ctl.coef, c, device)
         kl, mask = targets[1], b.mask
@@ -123,10 +123,9 @@ def fit(method, cfg, args, device, tracker, t0: float):
                                                             cfg.verifier)}
 
     def restore(extra: dict) -> None:
-        generator.set_state(extra["generator"])
         kl_ctl.coef = extra["kl_coef"]
 
     run = train.fit(f"align-{method.name}", both, c, cfg.seed, tracker, [args.prompts, args.sft, args.reward], plan,
                     steps=c.steps, device=device, t0=t0, probe=probe_fn, restore=restore,
-                    state=lambda: {"generator": generator.get_state(), "kl_coef": kl_ctl.coef})
+                    state=lambda: {"kl_coef": kl_ctl.coef})
     return policy, tok, {**run.metrics, "cost/models_in_memory": 3 if c.lora.r else 4}, run
