@@ -2,6 +2,7 @@
 store: staleness is exactly what it should be, a no-op is fast, reverting a param restores outputs
 from the run-cache, and MLflow holds one parent run per repro with the stages nested under it."""
 
+import json
 import time
 
 import pytest
@@ -55,7 +56,8 @@ def test_second_repro_is_a_fast_noop(ws):
     out = repro(ws)
     took = time.perf_counter() - t0
     assert helpers.ran_stages(out) == set()
-    assert "Data and pipelines are up to date" in out
+    assert "Running stage 'check'" in out  # params validated even when nothing is stale
+    assert "Stage 'prepare' didn't change, skipping" in out
     assert took < 3.0, f"no-op dvc repro took {took:.2f}s"
 
 
@@ -136,3 +138,34 @@ def test_a_code_change_reruns_only_the_stages_that_run_that_code(ws):
     finally:
         tracking_py.write_text(originals[0])
         advantages_py.write_text(originals[1])
+
+
+def test_an_edited_local_input_reruns_prepare(ws):
+    """A data file that params.yaml names is no DVC dep by itself: the check stage (run by every repro)
+    records its digest in inputs.lock.json, which prepare depends on, so editing the file makes prepare
+    stale and the repro reads the new rows; a typo in params fails at once even with nothing stale."""
+    d, _ = ws
+    rows = [{"prompt": r["prompt"], "answer": r["answer"]}
+            for r in map(json.loads, (d / "data" / "eval.jsonl").read_text().splitlines())]
+    (d / "inputs").mkdir()
+    user_file = d / "inputs" / "eval.jsonl"
+    user_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = (d / "params.yaml").read_text()
+    try:
+        params_edit.apply(d / "params.yaml", {"data.eval": "inputs/eval.jsonl"})
+        assert "prepare" in helpers.ran_stages(helpers.dvc("repro", "prepare", cwd=d).stdout)
+        user_file.write_text("".join(json.dumps({**r, "answer": "7"}) + "\n" for r in rows[:5]))
+        helpers.dvc("repro", "check", cwd=d)
+        assert "prepare" in helpers.dvc("status", "prepare", cwd=d).stdout  # stale: its inputs changed
+        assert helpers.ran_stages(helpers.dvc("repro", "prepare", cwd=d).stdout) == {"prepare"}
+        eval_rows = [json.loads(x) for x in (d / "data" / "eval.jsonl").read_text().splitlines()]
+        assert len(eval_rows) == 5 and {r["answer"] for r in eval_rows} == {"7"}
+        assert helpers.ran_stages(helpers.dvc("repro", "prepare", cwd=d).stdout) == set()  # unchanged: cached
+
+        (d / "params.yaml").write_text(params.replace("seed: 0", "seed: zero"))
+        out = helpers.dvc("repro", cwd=d, check=False)
+        assert out.returncode != 0 and helpers.ran_stages(out.stdout) == set()
+        assert "error: params.yaml: seed:" in out.stdout + out.stderr
+    finally:
+        (d / "params.yaml").write_text(params)
+        helpers.dvc("repro", "prepare", cwd=d)

@@ -23,7 +23,7 @@ _HOME = tempfile.mkdtemp(prefix="alignpipe-prefect-")
 os.environ.update(PREFECT_HOME=_HOME, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
 os.environ.pop("PREFECT_API_URL", None)
 
-STAGES = {"prepare", "sft", "reward", "pairs", "align@dpo", "evaluate_sft", "evaluate@dpo", "compare"}
+STAGES = {"check", "prepare", "sft", "reward", "pairs", "align@dpo", "evaluate_sft", "evaluate@dpo", "compare"}
 
 
 def free_port() -> int:

@@ -42,3 +42,26 @@ def test_csv_union_of_keys(tmp_path):
     f = tmp_path / "p.csv"
     io.write_csv(f, [{"step": 1, "loss": 0.5}, {"step": 2, "probe": 0.25}])
     assert f.read_text().splitlines() == ["step,loss,probe", "1,0.5,", "2,,0.25"]
+
+
+def test_a_killed_writers_temporaries_are_swept_by_the_next_write(tmp_path):
+    """A writer killed inside atomic_dir leaves .tmp-<name>-<pid>-… beside the target; the next write of
+    that target removes it, and leaves alone the temporaries of a writer that is still alive."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (tmp_path / f".tmp-reports-{dead_pid}-abc").mkdir()
+    (tmp_path / f".tmp-reports-{dead_pid}-abc" / "comparison.md").write_text("half")
+    (tmp_path / f".old-reports-{dead_pid}").mkdir()
+    live = tmp_path / f".tmp-reports-{os.getppid()}-xyz"
+    live.mkdir()
+    other = tmp_path / f".tmp-metrics-{dead_pid}-abc"
+    other.mkdir()
+    with io.atomic_dir(tmp_path / "reports") as d:
+        (d / "comparison.md").write_text("whole")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["reports", live.name, other.name])  # another target's leftovers wait for its writer
+    assert (tmp_path / "reports" / "comparison.md").read_text() == "whole"

@@ -17,11 +17,38 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_leftovers(path: Path) -> None:
+    """Remove the temporaries a killed writer of `path` left beside it (.tmp-<name>-<pid>-…,
+    .old-<name>-<pid>): the ones whose process is gone; a live writer's are left alone."""
+    if not path.parent.is_dir():
+        return
+    for kind in (".tmp", ".old"):
+        for leftover in path.parent.glob(f"{kind}-{path.name}-*"):
+            pid = leftover.name[len(f"{kind}-{path.name}-"):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+
+
 def _tmp_sibling(path: Path, is_dir: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(path)
+    prefix = f".tmp-{path.name}-{os.getpid()}-"
     if is_dir:
-        return Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-    fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     os.close(fd)
     return Path(name)
 
