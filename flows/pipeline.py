@@ -121,6 +121,7 @@ def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: d
         changes["align.methods"] = list(methods)
     if changes:
         params_edit.apply(repo / "params.yaml", changes)
+    params_edit.loads((repo / "params.yaml").read_text(), "params.yaml")  # before DVC reads it: one line, not DVC's
 
     flow_run = _flow_run_id()
     parent = tracking.start_parent(f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from stages.core import config, data, io, models, stage, task, tracking
+from stages.core import config, data, io, models, rewards, stage, task, tracking
 
 KINDS = {"sft": "sft", "preference": "preference", "prompts": "prompts", "eval": "prompts"}
 
@@ -97,12 +97,31 @@ def check_lengths(sets: dict[str, list[dict]], max_positions: int | None) -> Non
                                              f"{max_positions} positions")
 
 
+def check_answers(cfg: config.Params, sets: dict[str, list[dict]]) -> None:
+    """The reference answers, checked here rather than stages later: readable by the verifier, and present
+    in the prompts when a stage that reads them scores with the verifier (else it would find no reward
+    after SFT and the reward model have trained)."""
+    for name in ("prompts", "eval"):
+        source = getattr(cfg.data, name)
+        rewards.check_references(sets[name], cfg.verifier, f"data.{name}: {source}")
+    users = ["pairs.score.verifier"] if cfg.pairs.score.verifier > 0 else []
+    for m in cfg.align.methods:
+        reward = getattr(cfg.align.method(m), "reward", None)
+        if reward is not None and reward.verifier > 0:
+            users.append(f"align.{m}.reward.verifier")
+    if users and not any(r.get("answer") is not None for r in sets["prompts"]):
+        raise config.ConfigError(f"data.prompts: {cfg.data.prompts}: no row has a reference answer (column "
+                                 f"{cfg.data.answer_column!r}, data.answer_column), which the verifier needs "
+                                 f"({', '.join(users)} > 0); give the answers or set those weights to 0")
+
+
 def main(argv=None) -> str:
     p = stage.parser(__doc__, "--data-out", "--model-out")
     args = p.parse_args(argv)
     cfg = config.load(args.params)
     d = cfg.data
     sets = load_sets(cfg)
+    check_answers(cfg, sets)
     tok, model, what = build_model(cfg)
     check_chat_template(tok, sets, cfg.model.name_or_path)
     stop = models.generation_stop_ids(tok, getattr(model.generation_config, "eos_token_id", None))

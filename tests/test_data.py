@@ -57,6 +57,8 @@ def test_missing_sources_are_one_line_errors(tmp_path):
     ("preference", {"prompt": "1+1=", "chosen": "2"}, "row 2: missing column 'rejected'"),
     ("sft", {"prompt": "1+1=", "completion": conv("assistant", "2")}, "row 2: mixes plain-text and conversational"),
     ("prompts", {"question": "1+1="}, "row 2: missing column 'prompt'"),
+    ("sft", {"prompt": conv("robot", "1+1="), "completion": conv("assistant", "2")},
+     "row 2: column 'prompt' message 1: role 'robot' is not one of system, user, assistant, tool, developer"),
 ])
 def test_bad_rows_name_the_source_and_row(kind, row, message):
     good = {"sft": {"prompt": "a", "completion": "b"}, "preference": {"prompt": "a", "chosen": "b", "rejected": "c"},
@@ -117,3 +119,15 @@ def test_over_long_rows_are_truncated_or_rejected(tok):
                                           r"data.max_prompt_length 3 \(or set data.overlong: truncate\)$"):
         data.limit_lengths(rows, "sft", 3, 2, "error", "data.sft")
     assert data.limit_lengths(rows, "sft", 100, 100, "error", "data.sft") == (rows, {"prompts": 0, "completions": 0})
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "the file is empty (no rows)"),
+    (b'{"prompt": "\xff\xfe1+1=", "answer": "2"}\n', "not UTF-8 text (byte b'\\xff' in a value)"),
+])
+def test_unreadable_files_are_one_line(tmp_path, content, message):
+    f = tmp_path / "eval.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        data.load_rows(str(f), "data.eval")
+    assert str(e.value) == f"data.eval: {f}: {message}"

@@ -1,5 +1,6 @@
-"""Recovering from a killed run without a manual step: a half-written DVC rwlock left by a killed
-`dvc repro` is removed by the flow (never while a DVC command holds the repo), in a real DVC repo."""
+"""What the flow does before any stage, in a real DVC repo: recover from a killed run without a manual
+step (a half-written DVC rwlock is removed, never while a DVC command holds the repo), and read params.yaml
+itself, so a mistake DVC would trip over first is still one line naming the key."""
 
 import subprocess
 import sys
@@ -38,3 +39,16 @@ def test_a_corrupt_rwlock_of_a_killed_run_is_recovered_and_one_in_use_is_not(tmp
     assert pipeline.recover_dvc_lock(d) and not rwlock.exists()
     assert "Running stage 'check'" in helpers.dvc("repro", "check", cwd=d).stdout
     assert not pipeline.recover_dvc_lock(d)  # a readable rwlock is DVC's own business
+
+
+def test_the_flow_names_a_params_mistake_that_dvc_would_trip_over(tmp_path):
+    """align.methods as a string: DVC's matrix expansion fails first ("'Value' object is not iterable")
+    under a plain dvc repro; the flow (make run) reads params.yaml before DVC does."""
+    d = workspace.create(tmp_path / "ws", helpers.SMOKE)
+    params = d / "params.yaml"
+    params.write_text(params.read_text().replace("methods: [dpo]", "methods: dpo"))
+    out = helpers.run([sys.executable, "-m", "flows.pipeline", "--repo", str(d)], d, check=False)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]  # beside Prefect's log lines
+    assert len(errors) == 1 and errors[0].startswith("error: params.yaml: align.methods: Input should be a valid list")
+    assert not (d / "dvc.lock").exists() and not (d / "data").exists()

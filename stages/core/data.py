@@ -39,14 +39,27 @@ def load_rows(source: str, field: str) -> list[dict]:
         raise ConfigError(f"{field}: {source}: no such file or directory")
     if path.is_file() and path.suffix.lower() not in builders:
         raise ConfigError(f"{field}: {source}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ConfigError(f"{field}: {source}: the file is empty (no rows)")
     try:
         if path.is_file():
             ds = datasets.load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
         else:  # a local dataset directory or a hub name: the same call
             ds = datasets.load_dataset(str(path) if path.exists() else name, split=split)
+        rows = [dict(r) for r in ds]  # text columns are decoded here
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{field}: {source}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} "
+                          f"in a value)") from None
     except Exception as e:  # datasets raises many types; the user needs the source and the reason
-        raise ConfigError(f"{field}: {source}: could not load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return [dict(r) for r in ds]
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{field}: {source}: could not load ({type(e).__name__}{': ' + reason if reason else ''})") \
+            from None
+    if not rows:
+        raise ConfigError(f"{field}: {source}: no rows")
+    return rows
+
+
+ROLES = ("system", "user", "assistant", "tool", "developer")  # what chat templates render
 
 
 def _is_conversation(x: Any) -> bool:
@@ -80,6 +93,11 @@ def normalize(rows: list[dict], kind: str, source: str, answer_column: str = "an
                 raise ConfigError(f"{where}: missing column {col!r}")
             if not isinstance(row[col], str) and not _is_conversation(row[col]):
                 raise ConfigError(f"{where}: column {col!r} must be a string or a list of {{role, content}} messages")
+        for col in KIND_COLUMNS[kind]:
+            for j, m in enumerate(row[col] if _is_conversation(row[col]) else [], start=1):
+                if m["role"] not in ROLES:
+                    raise ConfigError(f"{where}: column {col!r} message {j}: role {m['role']!r} is not one of "
+                                      f"{', '.join(ROLES)}")
         if not _text(row["prompt"]).strip():
             raise ConfigError(f"{where}: empty prompt")
         for col in KIND_COLUMNS[kind][1:]:

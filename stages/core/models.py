@@ -244,7 +244,21 @@ class AdapterOff(torch.nn.Module):
 
 
 def _from_pretrained(auto, path: str, **kwargs):
-    """auto.from_pretrained in float32; a directory holding a LoRA adapter alone loads its base and merges it."""
+    """auto.from_pretrained in float32; a directory holding a LoRA adapter alone loads its base and merges
+    it. A model that cannot be read (a truncated weights file, a broken config) is a one-line error naming
+    the path."""
+    from safetensors import SafetensorError
+
+    try:
+        return _load(auto, path, **kwargs)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{path}: could not load the model ({type(e).__name__}: {reason[:200]})") from None
+
+
+def _load(auto, path: str, **kwargs):
     if (Path(path) / "adapter_config.json").exists():
         import peft
 
@@ -265,10 +279,7 @@ def load_causal_lm(path: str, device: torch.device, trainable: bool = True):
     """A causal LM in float32 whatever its stored dtype (bf16 autocast, where on, is per operation)."""
     from transformers import AutoModelForCausalLM
 
-    try:
-        model = _from_pretrained(AutoModelForCausalLM, path).to(device)
-    except (OSError, ValueError, RuntimeError) as e:  # a truncated or corrupt weights file, a bad config
-        raise ConfigError(f"{path}: could not load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    model = _from_pretrained(AutoModelForCausalLM, path).to(device)
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)
