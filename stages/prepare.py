@@ -43,7 +43,7 @@ def build_model(cfg: config.Params):
     m = cfg.model
     if m.name_or_path == "embedded":
         e = m.embedded
-        tok = models.build_tokenizer(task.corpus(cfg.data.embedded.max_operand), e.vocab_size)
+        tok = models.build_tokenizer(task.corpus(cfg.data.embedded.max_operand, cfg.data.embedded.task), e.vocab_size)
         model = models.build_tiny_llama(tok, e.hidden_size, e.num_layers, e.num_heads, e.intermediate_size,
                                         e.max_positions, cfg.seed)
         return tok, model, "embedded tiny Llama"

@@ -116,3 +116,44 @@ def test_a_sandbox_that_cannot_start_gives_no_reward(monkeypatch):
 def test_the_program_is_the_completions_code_block():
     assert sandbox.extract_code("Here:\n```python\ndef f(x):\n    return x\n```\nDone.") == "def f(x):\n    return x\n"
     assert sandbox.extract_code("def f(x): return x") == "def f(x): return x"
+
+
+@pytest.mark.smoke
+def test_the_embedded_code_task_end_to_end(tmp_path):
+    """python_functions through prepare → sft → pairs → align@grpo with the code reward alone: the
+    tiny model's programs run in the sandbox, right ones score 1, wrong ones 0, none goes unscored."""
+    import json
+
+    from tests import helpers
+    from tests.test_stages import smoke_params
+
+    d = tmp_path
+    smoke_params(d / "params.yaml", **{"data.embedded.task": "python_functions", "sft.steps": 200,
+                                       "pairs.score": {"code": 1.0}, "pairs.max_new_tokens": 24,
+                                       "align.grpo.reward": {"code": 1.0}, "align.grpo.max_new_tokens": 24})
+    helpers.stage("prepare", "--data-out", "data", "--model-out", "models/base", cwd=d)
+    prompt = json.loads((d / "data" / "prompts.jsonl").read_text().splitlines()[0])
+    assert prompt["tests"].startswith("assert f(") and prompt["answer"].startswith("def f(x): return x+")
+    helpers.stage("sft", "--train", "data/sft.jsonl", "--probe", "data/prompts.jsonl", "--base", "models/base",
+                  "--out", "models/sft", "--metrics", "sft.json", "--plots", "sft.csv", cwd=d)
+    helpers.stage("pairs", "--prompts", "data/prompts.jsonl", "--sft", "models/sft", "--reward", "none",
+                  "--out", "pairs", "--metrics", "pairs.json", cwd=d)
+    samples = [json.loads(x) for x in (d / "pairs" / "samples.jsonl").read_text().splitlines()]
+    by_score = {s["score"] for s in samples}
+    assert by_score == {0.0, 1.0}, by_score  # some programs pass their tests, some do not; none unscored
+    for s in samples:  # a program that passes is one the exact-match verifier accepts, or an equivalent one
+        if s["verifier"] == 1.0:
+            assert s["score"] == 1.0
+    helpers.stage("align", "grpo", "--pairs", "pairs", "--prompts", "data/prompts.jsonl", "--sft", "models/sft",
+                  "--reward", "none", "--out", "models/grpo", "--metrics", "grpo.json", "--plots", "grpo.csv", cwd=d)
+    m = json.loads((d / "grpo.json").read_text())
+    assert m["rollout/no_reward"] == 0
+
+
+def test_code_reward_in_the_reward_interface():
+    from stages.core import config, rewards
+
+    out = rewards.code_reward(["def f(x): return x+3", "```python\ndef f(x):\n    return x\n```", "whatever"],
+                              tests=["assert f(1) == 4\n", "assert f(1) == 4\n", None],
+                              sandbox_limits=config.SandboxConfig(workers=2))
+    assert out == [1.0, 0.0, None]  # a row without tests gets no reward, not 0

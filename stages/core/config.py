@@ -56,10 +56,11 @@ class ModelConfig(Section):
 
 
 class EmbeddedData(Section):
-    task: Literal["reversed_addition", "chat_arithmetic"] = "reversed_addition"
+    task: Literal["reversed_addition", "chat_arithmetic", "python_functions"] = "reversed_addition"
     """reversed_addition: `12+34=` → `64` for the tiny model trained from scratch; chat_arithmetic:
     natural-language sums and word problems ("What is 47 + 38?") answered in a sentence, for a
-    pretrained chat model (use with verifier.extract: auto)."""
+    pretrained chat model (use with verifier.extract: auto); python_functions: `f(x) = x + 13` answered
+    with a program, rewarded by running the row's tests in the sandbox (reward.code)."""
     max_operand: int = Field(50, ge=2, le=1000)
     """Problems are a+b with 0 <= a, b < max_operand."""
     n_sft: int = Field(20000, ge=1)
@@ -113,6 +114,26 @@ class VerifierConfig(Section):
     different answers score 0 (stages/core/answers.py)."""
     compare: Literal["math", "exact"] = "exact"
     """math: math-verify equivalence (85 = 85.0, 1/2 = 0.5); exact: string equality."""
+    sandbox: "SandboxConfig" = Field(default_factory=lambda: SandboxConfig())
+    """Limits of the code-execution reward (`reward.code`): each completion's program runs against its row's
+    `tests` in a sandbox of its own (stages/core/sandbox.py)."""
+
+
+class SandboxConfig(Section):
+    """What one completion's test run may use; a run over any limit scores 0."""
+
+    cpu_seconds: int = Field(2, ge=1)
+    """CPU seconds of each process the program runs."""
+    wall_seconds: float = Field(5.0, gt=0)
+    """Wall-clock seconds for the whole run, after which every process of it is killed."""
+    memory_mb: int = Field(512, ge=64)
+    """Address space of each process."""
+    file_mb: int = Field(1, ge=1)
+    """Largest file (and output) the program may write."""
+    processes: int = Field(32, ge=1)
+    """Processes the program may run at once (the interpreter itself included)."""
+    workers: int = Field(2, ge=1)
+    """Completions tested at the same time (each its own sandbox)."""
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -215,6 +236,10 @@ class RewardWeights(Section):
     """Regular expression a well-formed completion matches (the embedded task: 1 to 3 digits)."""
     think_format: float = Field(0.0, ge=0.0)
     """Weight of the reasoning-format reward: 1 if the reply is `<think>…</think>` then a non-empty answer."""
+    code: float = Field(0.0, ge=0.0)
+    """Weight of the code-execution reward: 1 if the reply's program (its first ``` block, else the whole
+    reply) passes the row's `tests` column in the sandbox (verifier.sandbox), 0 if not, None when the row
+    has no tests or the sandbox cannot start."""
     functions: dict[str, float] = {}
     """Your own rewards, `module:function` → weight, TRL's interface: the function takes `completions`
     (texts) and keyword arguments (`prompts`, `completion_ids`, `truncated` and the dataset's columns,
@@ -232,7 +257,8 @@ class RewardWeights(Section):
 
     @model_validator(mode="after")
     def _some_weight(self):
-        if not any((self.reward_model, self.verifier, self.format, self.think_format, *self.functions.values())):
+        built_in = (self.reward_model, self.verifier, self.format, self.think_format, self.code)
+        if not any((*built_in, *self.functions.values())):
             raise ValueError("at least one reward weight must be > 0")
         return self
 

@@ -73,8 +73,32 @@ def reward_model_reward(completions: list[str], reward_model=None, sequences: Se
     return reward_model_scores(reward_model, sequences, batch_size).tolist()
 
 
+def code_reward(completions: list[str], tests: list[str | None] | None = None, sandbox_limits=None,
+                **_) -> list[float | None]:
+    """Each reply's program (sandbox.extract_code) run against its row's `tests` in a sandbox of its own:
+    1.0 passes, 0.0 fails, None no tests or no sandbox. In a launched stage each process runs its share
+    (dist.map_rows); `sandbox_limits`: a config.SandboxConfig (verifier.sandbox)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import sandbox
+
+    c = sandbox_limits
+    limits = sandbox.Limits() if c is None else sandbox.Limits(c.cpu_seconds, c.wall_seconds, c.memory_mb, c.file_mb,
+                                                                c.processes)
+    tests = tests or [None] * len(completions)
+
+    def one(i: int) -> float | None:
+        return None if not tests[i] else sandbox.run_tests(sandbox.extract_code(completions[i]), tests[i], limits)
+
+    def share(rows: slice) -> list[float | None]:
+        with ThreadPoolExecutor(getattr(c, "workers", 2)) as pool:  # each run is a process of its own
+            return list(pool.map(one, range(rows.start, rows.stop)))
+
+    return dist.map_rows(share, len(completions))
+
+
 BUILT_IN = {"reward_model": reward_model_reward, "verifier": verifier_reward, "format": format_reward,
-            "think_format": think_format_reward}
+            "think_format": think_format_reward, "code": code_reward}
 """A reward section's built-in weights → their reward functions."""
 
 
@@ -180,7 +204,8 @@ def score_completions(weights, texts: list[str], truncated: list[bool], columns:
     trl_kw = {"answer": [None] * len(texts), "truncated": truncated, **columns,
               "completion_ids": [ids[m.bool()].tolist() for ids, m in zip(seqs.completion_ids, seqs.completion_mask)]}
     kw = {**trl_kw, "extract": getattr(verifier, "extract", "whole"), "compare": getattr(verifier, "compare", "exact"),
-          "pattern": weights.format_pattern, "reward_model": rm, "sequences": seqs, "batch_size": batch_size}
+          "pattern": weights.format_pattern, "reward_model": rm, "sequences": seqs, "batch_size": batch_size,
+          "sandbox_limits": getattr(verifier, "sandbox", None)}
     values = {"verifier": verifier_reward(texts, **kw), "format": format_reward(texts, **kw)}
     parts = []
     for name, weight, fn in reward_functions(weights):

@@ -8,6 +8,10 @@ chat_arithmetic: the same sums asked in natural language ("What is 47 + 38?", sh
 answered in a sentence ("47 + 38 = 85."), for a pretrained chat model; the verifier extracts the answer
 from the reply (verifier.extract: auto).
 
+python_functions: `f(x) = x + 13` → `def f(x): return x+13`, a program, checked by running it against the
+row's `tests` (`assert f(4) == 17`) in the sandbox (reward.code); the exact-match verifier compares
+it with the canonical program. It exercises the code-execution reward end to end on the tiny model.
+
 Everything is generated from a seed; the held-out (eval) problems never appear in any training set.
 Rows follow TRL's conversational column conventions so the same loaders serve hub datasets.
 """
@@ -180,15 +184,74 @@ def make_datasets(
     return {"sft": sft, "preference": preference, "prompts": prompts, "eval": evals}
 
 
-def corpus(max_operand: int) -> list[str]:
+# ---------------------------------------------------------------------------------------------- code
+
+def program(b: int) -> str:
+    return f"def f(x): return x+{b}"
+
+
+def code_prompt(p: Problem) -> str:
+    return f"f(x) = x + {p.b}"
+
+
+def code_tests(p: Problem) -> str:
+    return f"assert f({p.a}) == {p.a + p.b}\nassert f(0) == {p.b}\n"
+
+
+def wrong_program(p: Problem, rng: random.Random) -> str:
+    """A plausible wrong program: another constant, a subtraction, or a constant function."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        return program(p.b + rng.choice((-1, 1, 10)) if p.b else p.b + 1)
+    return f"def f(x): return x-{p.b}" if kind == 1 and p.b else f"def f(x): return {p.b}"
+
+
+def make_code_datasets(max_operand: int, n_sft: int, carry_slip: float, sft_noise: float, n_preference: int,
+                       carry_pairs: float, n_prompts: int, n_eval: int, seed: int) -> dict[str, list[dict]]:
+    """The python_functions sets. The demonstrator drops the tens digit of a constant ≥ 10 with
+    probability carry_slip (x+13 → x+3) and writes another wrong program with probability sft_noise;
+    rejected programs get the tens wrong with probability carry_pairs. Prompt and eval rows carry `tests`
+    (for reward.code) and the canonical program as `answer` (for the exact-match verifier)."""
+    train, held_out = split_problems(max_operand, n_eval, seed)
+    rng = random.Random(seed + 1)
+
+    def pick() -> Problem:
+        return train[rng.randrange(len(train))]
+
+    def demonstrated(p: Problem) -> str:
+        if p.b >= 10 and rng.random() < carry_slip:
+            return program(p.b % 10)
+        return wrong_program(p, rng) if rng.random() < sft_noise else program(p.b)
+
+    sft = []
+    for _ in range(n_sft):
+        p = pick()
+        sft.append({"prompt": user(code_prompt(p)), "completion": assistant(demonstrated(p))})
+    preference = []
+    for _ in range(n_preference):
+        p = pick()
+        rejected = program(p.b % 10 if p.b >= 10 else p.b + 10) if rng.random() < carry_pairs else wrong_program(p, rng)
+        preference.append({"prompt": user(code_prompt(p)), "chosen": assistant(program(p.b)),
+                           "rejected": assistant(rejected)})
+
+    def with_tests(p: Problem) -> dict:
+        return {"prompt": user(code_prompt(p)), "tests": code_tests(p), "answer": program(p.b)}
+
+    return {"sft": sft, "preference": preference, "prompts": [with_tests(pick()) for _ in range(n_prompts)],
+            "eval": [with_tests(p) for p in held_out]}
+
+
+def corpus(max_operand: int, name: str = "reversed_addition") -> list[str]:
     """Text the embedded tokenizer is trained on: every prompt and answer of the task."""
     rows = []
     for a in range(max_operand):
         for b in range(max_operand):
             p = Problem(a, b)
-            rows.append(p.prompt + p.answer)
+            rows.append(code_prompt(p) + program(p.b) + code_tests(p) if name == "python_functions" else
+                        p.prompt + p.answer)
     return rows
 
 
-TASKS = {"reversed_addition": make_datasets, "chat_arithmetic": make_chat_datasets}
+TASKS = {"reversed_addition": make_datasets, "chat_arithmetic": make_chat_datasets,
+         "python_functions": make_code_datasets}
 """data.embedded.task → the function that makes its four sets."""
