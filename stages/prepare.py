@@ -10,6 +10,7 @@ before anything is written; both outputs appear atomically.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -115,6 +116,15 @@ def check_answers(cfg: config.Params, sets: dict[str, list[dict]]) -> None:
                                  f"({', '.join(users)} > 0); give the answers or set those weights to 0")
 
 
+def small_sets(cfg: config.Params, sets: dict[str, list[dict]]) -> list[str]:
+    """A word on each set smaller than one batch of the stage that trains on it: legal (every step then
+    sees the whole set), but more often a wrong file than a choice."""
+    readers = {"sft": ("sft", cfg.sft.batch_size), "preference": ("reward", cfg.reward.batch_size)}
+    return [f"warning: data.{name}: {len(sets[name])} rows, fewer than {stage}.batch_size {size}: every "
+            f"{stage} step trains on all of them ({getattr(cfg, stage).steps} steps)"
+            for name, (stage, size) in readers.items() if len(sets[name]) < size]
+
+
 def main(argv=None) -> str:
     p = stage.parser(__doc__, "--data-out", "--model-out")
     args = p.parse_args(argv)
@@ -122,6 +132,8 @@ def main(argv=None) -> str:
     d = cfg.data
     sets = load_sets(cfg)
     check_answers(cfg, sets)
+    for line in small_sets(cfg, sets):
+        print(line, file=sys.stderr)
     tok, model, what = build_model(cfg)
     check_chat_template(tok, sets, cfg.model.name_or_path)
     stop = models.generation_stop_ids(tok, getattr(model.generation_config, "eos_token_id", None))

@@ -57,6 +57,10 @@ def test_prepare_from_local_files_and_model_dir(tmp_path, saved_model):
                                              **{f"data.{k}": str(tmp_path / f"{k}.jsonl") for k in rows}})
     out = helpers.stage("prepare", "--data-out", "data", "--model-out", "models/base", cwd=tmp_path)
     assert str(saved_model) in out.stdout
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: data.sft: 1 rows, fewer than sft.batch_size 16: every sft step trains on all of "
+                        "them (30 steps)", "warning: data.preference: 1 rows, fewer than reward.batch_size 16: every "
+                        "reward step trains on all of them (20 steps)"]  # legal, but said
     sft = [json.loads(line) for line in (tmp_path / "data" / "sft.jsonl").read_text().splitlines()]
     assert sft[0]["completion"] == conv("assistant", "3") and sft[0]["completion_ids"]
     assert (tmp_path / "models" / "base" / "config.json").exists()
