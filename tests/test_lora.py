@@ -5,7 +5,7 @@ adapter off (no second model), and an adapter-only output loads wherever a model
 import pytest
 import torch
 
-from stages.core import data, io, models
+from stages.core import data, io, lora, models
 from tests.test_methods import align_args, upstream  # noqa: F401  (the fixture)
 from tests.test_modes import trained
 from tests.test_stages import weights
@@ -67,7 +67,7 @@ def test_reference_is_the_policy_with_its_adapter_off(saved_model):
         if "lora_B" in n:
             p.data.normal_()  # a trained adapter (B starts at 0)
     assert not torch.allclose(logits(policy, seqs), want, atol=1e-4)
-    ref = models.AdapterOff(policy)
+    ref = lora.AdapterOff(policy)
     assert torch.allclose(logits(ref, seqs), want, atol=1e-6)
     assert torch.allclose(logits(policy, seqs), logits(policy, seqs))  # the adapter is back on after
     assert not any(True for _ in ref.parameters())  # holds no weights of its own

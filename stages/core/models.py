@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist, fsdp
+from . import dist, fsdp, lora
 from .config import ConfigError
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -172,11 +172,9 @@ def save(model, tok, out: str | Path, dtype: torch.dtype = torch.float32, adapte
         model.save_pretrained(out, state_dict={k: v.to(dtype) for k, v in state.items()})
         tok.save_pretrained(out)
         return
-    if is_lora(model):
+    if lora.is_lora(model):
         if adapter_only:
-            model.save_pretrained(out)
-            model.config.save_pretrained(out)
-            tok.save_pretrained(out)
+            lora.save_adapter(model, tok, out)
             return
         model = model.merge_and_unload()
     model.to(dtype).save_pretrained(out)
@@ -197,14 +195,10 @@ def non_finite_weights(model, state: dict | None = None) -> tuple[int, list[str]
     return count, names
 
 
-def is_lora(model) -> bool:
-    return hasattr(model, "peft_config")
-
-
 def backbone(model):
     """The transformer body (LlamaModel, …) under a *ForSequenceClassification head, LoRA-wrapped or not
     (a peft model's own `base_model` is its LoRA wrapper)."""
-    return (model.get_base_model() if is_lora(model) else model).base_model
+    return (model.get_base_model() if lora.is_lora(model) else model).base_model
 
 
 def for_training(model, c, task: str = "CAUSAL_LM"):
@@ -217,30 +211,7 @@ def for_training(model, c, task: str = "CAUSAL_LM"):
     if dist.fsdp():
         fsdp.check(c, task)
         return fsdp.shard(model, task)
-    if not c.lora.r:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    lora = c.lora
-    target = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
-    try:
-        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha or 2 * lora.r,
-                                                lora_dropout=lora.dropout, target_modules=target, task_type=task))
-    except ValueError as e:  # target modules not found in the model
-        raise ConfigError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
-
-
-class AdapterOff(torch.nn.Module):
-    """The reference model of a LoRA policy: the policy itself with its adapter disabled, so no second
-    copy of the weights is held."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.__dict__["policy"] = policy  # not a submodule: its weights are the policy's
-
-    def forward(self, *args, **kwargs):
-        with self.policy.disable_adapter():
-            return self.policy(*args, **kwargs)
+    return lora.wrap(model, c.lora, task) if c.lora.r else model
 
 
 def _from_pretrained(auto, path: str, **kwargs):
@@ -259,19 +230,8 @@ def _from_pretrained(auto, path: str, **kwargs):
 
 
 def _load(auto, path: str, **kwargs):
-    if (Path(path) / "adapter_config.json").exists():
-        import peft
-
-        peft_auto = {"AutoModelForCausalLM": peft.AutoPeftModelForCausalLM,
-                     "AutoModelForSequenceClassification": peft.AutoPeftModelForSequenceClassification}[auto.__name__]
-        model = peft_auto.from_pretrained(path, dtype=torch.float32, **kwargs).merge_and_unload()
-        from transformers import AutoConfig
-
-        saved = AutoConfig.from_pretrained(path).to_dict()  # what the trained model's config held
-        for key in ("reward_mean", "reward_std"):
-            if key in saved:
-                setattr(model.config, key, saved[key])
-        return model
+    if lora.is_adapter_dir(path):
+        return lora.load_merged(auto.__name__, path, **kwargs)
     return auto.from_pretrained(path, dtype=torch.float32, **kwargs)
 
 

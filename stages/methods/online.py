@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from stages.core import advantages, evaluation, io, losses, models, rewards, rollout, stage, train
+from stages.core import advantages, evaluation, io, lora, losses, models, rewards, rollout, stage, train
 from stages.core.logprobs import Sequences, batched_token_logps, sequence_logps, token_logps
 
 
@@ -66,7 +66,7 @@ def load_models(cfg, c, args, device, needs_ref: bool):
     policy = models.disable_dropout(models.for_training(models.load_causal_lm(args.sft, device), c))
     ref = None
     if needs_ref:
-        ref = models.AdapterOff(policy) if c.lora.r else models.load_causal_lm(args.sft, device, trainable=False)
+        ref = lora.AdapterOff(policy) if c.lora.r else models.load_causal_lm(args.sft, device, trainable=False)
     rm = models.load_reward_model(args.reward, device) if c.reward.reward_model > 0 else None
     return tok, policy, ref, rm
 
