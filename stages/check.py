@@ -27,7 +27,6 @@ from pathlib import Path
 from stages.core import config, io
 
 CACHE = Path(".dvc") / "tmp" / "alignpipe-input-digests.json"
-SUFFIXES = (".jsonl", ".json", ".parquet", ".gguf")  # a name with one of these is a file, not a hub id
 
 
 def file_digest(path: Path, cache: dict) -> str:
@@ -65,13 +64,13 @@ def inputs(cfg: config.Params, cache: dict) -> dict[str, dict]:
     named["model.name_or_path"] = cfg.model.name_or_path
     out = {}
     for field, source in named.items():
-        split = ":" in source and not Path(source).expanduser().exists()  # a hub dataset's name:split
-        path = Path(source.rpartition(":")[0] if split else source).expanduser()
+        name, _, local = io.split_source(source)
+        path = Path(name).expanduser()
         if source == "embedded":
             out[field] = {"source": "embedded"}
         elif path.exists():
             out[field] = {"source": source, **digest(path, cache)}
-        elif source.startswith((".", "/", "~")) or str(path).count("/") > 1 or path.suffix in SUFFIXES:
+        elif local or path.suffix.lower() == ".gguf":
             raise config.ConfigError(f"{field}: {source}: no such file or directory")
         else:
             out[field] = {"source": source, "hub_revision": hub_revision(source)}

@@ -4,14 +4,14 @@ good program still passes afterwards."""
 
 import os
 import socket
-import threading
 import time
 
 import pytest
 
 from stages.core import sandbox
+from stages.core.config import SandboxConfig
 
-LIMITS = sandbox.Limits(cpu_seconds=2, wall_seconds=5, memory_mb=256, file_mb=1, processes=16)
+LIMITS = SandboxConfig(cpu_seconds=2, wall_seconds=5, memory_mb=256, file_mb=1, processes=16)
 PASSES = ("def f(x):\n    return x + 1\n", "assert f(1) == 2\n")
 
 
@@ -94,13 +94,12 @@ def test_no_file_outside_its_scratch_dir(guarded, tmp_path):
 
 
 def test_cannot_signal_the_training_process(guarded):
+    """Each would kill this test process (or, for kill(-1), every process this user may signal) if it got
+    through; the code exits right after, so a pass would also mean the signal did nothing."""
     me = os.getpid()
-    alive = threading.Event()
     for code in (f"import os, signal\nos.kill({me}, signal.SIGKILL)\n", "import os, signal\nos.kill(os.getppid(), 9)\n",
                  f"import os\nos.killpg(os.getpgid({me}), 9)\n", "import os\nos.kill(-1, 9)\n"):
-        assert guarded(code) == 0.0 or code.startswith("import os\nos.kill(-1")
-    alive.set()
-    assert alive.is_set()  # still here
+        assert guarded(code) == 0.0, code
 
 
 def test_a_sandbox_that_cannot_start_gives_no_reward(monkeypatch):

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import io
 from .config import ConfigError
 from .logprobs import Sequences
 
@@ -30,12 +31,11 @@ def load_rows(source: str, field: str) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
-    name, split = source, "train"
-    if ":" in source and not Path(source).expanduser().exists():
-        name, _, split = source.rpartition(":")
+    name, split, local = io.split_source(source)
+    split = split or "train"
     path = Path(name).expanduser()
     builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix in builders):
+    if not path.exists() and local:
         raise ConfigError(f"{field}: {source}: no such file or directory")
     if path.is_file() and path.suffix.lower() not in builders:
         raise ConfigError(f"{field}: {source}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")

@@ -151,3 +151,17 @@ def file_digest(path: str | os.PathLike, algorithm: str = "md5") -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def split_source(source: str) -> tuple[str, str | None, bool]:
+    """A data source as params name it (a file, a dataset directory, or a hub dataset `name[:split]`) →
+    (name, split or None, whether it must be a local path: it starts with . / ~, has more than one /,
+    or ends in a data-file suffix; a missing one is then an error, not a hub id)."""
+    name, split = source, None
+    if ":" in source and not Path(source).expanduser().exists():
+        name, _, split = source.rpartition(":")
+    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix.lower() in DATA_SUFFIXES
+    return name, split, local
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import answers, dist, models
-from .config import ConfigError
+from .config import ConfigError, SandboxConfig
 from .logprobs import Sequences, position_ids
 
 
@@ -82,16 +82,14 @@ def code_reward(completions: list[str], tests: list[str | None] | None = None, s
 
     from . import sandbox
 
-    c = sandbox_limits
-    limits = sandbox.Limits() if c is None else sandbox.Limits(c.cpu_seconds, c.wall_seconds, c.memory_mb, c.file_mb,
-                                                                c.processes)
+    limits = sandbox_limits or SandboxConfig()
     tests = tests or [None] * len(completions)
 
     def one(i: int) -> float | None:
         return None if not tests[i] else sandbox.run_tests(sandbox.extract_code(completions[i]), tests[i], limits)
 
     def share(rows: slice) -> list[float | None]:
-        with ThreadPoolExecutor(getattr(c, "workers", 2)) as pool:  # each run is a process of its own
+        with ThreadPoolExecutor(limits.workers) as pool:  # each run is a process of its own
             return list(pool.map(one, range(rows.start, rows.stop)))
 
     return dist.map_rows(share, len(completions))

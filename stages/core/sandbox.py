@@ -22,6 +22,7 @@ Landlock falls back to the limits and namespaces alone (`isolation()` says what 
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import resource
@@ -35,6 +36,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .config import SandboxConfig
 
 # The program run inside: the code, then the tests, in one fresh namespace; then the run's nonce on
 # stdout. A pass is that nonce as the output's last line, so code that exits before the tests (os._exit(0),
@@ -70,22 +73,7 @@ while True:
 
 CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID = 0x10000000, 0x40000000, 0x20000000
 NAMESPACES = CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one completion's test run may use."""
-
-    cpu_seconds: int = 2
-    wall_seconds: float = 5.0
-    memory_mb: int = 512
-    file_mb: int = 1
-    processes: int = 32
-    open_files: int = 64
-
-
-class SandboxUnavailable(RuntimeError):
-    """The sandbox could not be set up: the completion gets no reward."""
+OPEN_FILES = 64  # file descriptors a process of the run may hold
 
 
 # ---------------------------------------------------------------------------------------------- landlock
@@ -119,7 +107,7 @@ def landlock_abi() -> int:
     return max(0, _libc().syscall(_SYS_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1)))
 
 
-def _landlock(abi: int, read_only: list[str], read_write: list[str]) -> None:
+def _landlock(abi: int, read_only: tuple[str, ...], read_write: list[str]) -> None:
     """Restrict this process (and what it starts) to the given trees; raises OSError when it cannot."""
     libc = _libc()
     fs = _FS_ALL_ABI1 | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0) | (
@@ -148,7 +136,8 @@ def _landlock(abi: int, read_only: list[str], read_write: list[str]) -> None:
     os.close(ruleset)
 
 
-def _interpreter_paths() -> list[str]:
+@functools.cache
+def _interpreter_paths() -> tuple[str, ...]:
     """What a clean `python -I -S` needs to read: its binary, its standard library, the shared libraries
     the loader maps, and /dev/null and /dev/urandom."""
     exe = os.path.realpath(sys.executable)
@@ -157,7 +146,7 @@ def _interpreter_paths() -> list[str]:
     libdir = sysconfig.get_config_var("LIBDIR")
     if libdir:
         paths.add(os.path.join(libdir, sysconfig.get_config_var("LDLIBRARY") or ""))
-    return sorted(p for p in paths if p and os.path.exists(p))
+    return tuple(sorted(p for p in paths if p and os.path.exists(p)))
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -238,7 +227,8 @@ def _remove_cgroup(group: Path) -> None:
         pass
 
 
-def _child_setup(scratch: str, limits: Limits, iso: Isolation, readable: list[str], group: Path | None = None):
+def _child_setup(scratch: str, limits: SandboxConfig, iso: Isolation, readable: tuple[str, ...],
+                 group: Path | None = None):
     """Runs in the forked child before exec: its cgroup, namespaces, limits, then Landlock (each step needs
     what the next one gives up)."""
     def setup() -> None:
@@ -248,7 +238,7 @@ def _child_setup(scratch: str, limits: Limits, iso: Isolation, readable: list[st
             raise OSError("unshare failed")
         mb = 1 << 20
         for what, value in ((resource.RLIMIT_CPU, limits.cpu_seconds), (resource.RLIMIT_AS, limits.memory_mb * mb),
-                            (resource.RLIMIT_FSIZE, limits.file_mb * mb), (resource.RLIMIT_NOFILE, limits.open_files),
+                            (resource.RLIMIT_FSIZE, limits.file_mb * mb), (resource.RLIMIT_NOFILE, OPEN_FILES),
                             (resource.RLIMIT_NPROC, limits.processes), (resource.RLIMIT_CORE, 0)):
             resource.setrlimit(what, (value, value))
         os.chdir(scratch)
@@ -257,7 +247,7 @@ def _child_setup(scratch: str, limits: Limits, iso: Isolation, readable: list[st
     return setup
 
 
-def run_tests(code: str, tests: str, limits: Limits = Limits()) -> float | None:
+def run_tests(code: str, tests: str, limits: SandboxConfig = SandboxConfig()) -> float | None:
     """1.0 if `code` then `tests` run to the end in the sandbox, 0.0 if not (an assertion, any exception,
     a crash, a limit or the wall timeout), None if the sandbox could not start."""
     iso = isolation()
@@ -323,7 +313,7 @@ def extract_code(completion: str) -> str:
     return body if end < 0 else body[:end]
 
 
-def verified_per_second(n: int = 20, limits: Limits = Limits()) -> float:
+def verified_per_second(n: int = 20, limits: SandboxConfig = SandboxConfig()) -> float:
     """Throughput of run_tests on a trivial passing program (what one sandbox costs)."""
     t0 = time.perf_counter()
     for _ in range(n):
