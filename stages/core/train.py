@@ -114,9 +114,10 @@ class GuardedStep:
             group["lr"] = lr
         total, stats, weights, tokens, finite = 0.0, {}, {}, 0, True
         sharded = dist.fsdp()
-        for m in self._mine(micros, sharded):
+        mine, pads = self._mine(micros, sharded)
+        for i, m in enumerate(mine):
             loss, st, n = m.loss()
-            tokens += n if m.share else 0
+            tokens += n if i < len(mine) - pads else 0  # a pad's tokens were counted by the process that owns them
             if not torch.isfinite(loss):
                 finite = False
                 if not sharded:  # under FSDP every process runs every backward pass, in step
@@ -147,15 +148,13 @@ class GuardedStep:
         return total, grad_norm, {k: v / weights[k] for k, v in stats.items() if weights[k]}, tokens
 
     @staticmethod
-    def _mine(micros: list[Micro], sharded: bool) -> list[Micro]:
-        """This process's micro-batches: every world-th one. Under FSDP each process must run as many
-        forward and backward passes as the others: the short ones repeat their first with share 0."""
+    def _mine(micros: list[Micro], sharded: bool) -> tuple[list[Micro], int]:
+        """This process's micro-batches (every world-th one) and how many pads end the list: under FSDP
+        each process must run as many forward and backward passes as the others, so the short ones
+        repeat the update's first micro-batch with share 0."""
         mine = micros[dist.rank()::dist.world()]
-        if sharded:
-            most = -(-len(micros) // dist.world())
-            pad = Micro(micros[0].loss, 0.0)
-            mine = mine + [pad] * (most - len(mine))
-        return mine
+        pads = -(-len(micros) // dist.world()) - len(mine) if sharded else 0
+        return mine + [Micro(micros[0].loss, 0.0)] * pads, pads
 
     def __call__(self, loss: torch.Tensor, lr: float) -> float:
         """An update from one precomputed loss → grad norm."""
