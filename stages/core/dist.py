@@ -203,25 +203,52 @@ def gather(obj) -> list:
 
 def share(n: int, group: int = 1) -> slice:
     """This process's contiguous share of n rows, in whole groups of `group` rows (a prompt's
-    completions stay together); shares differ in size by at most one group. Under FSDP every forward
-    pass is a collective, so each process runs all the rows, in step with the others."""
-    if fsdp():
-        return slice(0, n)
+    completions stay together); shares differ in size by at most one group."""
     groups, r, w = n // group, rank(), world()
     return slice(groups * r // w * group, groups * (r + 1) // w * group)
 
 
-def map_rows(fn, n: int, group: int = 1, device=None):
-    """fn(rows: slice) on this process's share of n rows, every process's result gathered in order:
+def lockstep(count: int) -> int:
+    """The number of forward passes this process runs for its `count`: under FSDP every pass is a
+    collective (each gathers the layers' weights from all processes), so each runs as many as the
+    busiest one, repeating a pass and dropping its result where it has fewer (a collective); otherwise
+    count."""
+    return max(gather(count)) if fsdp() else count
+
+
+def any_process(flag: bool, device) -> bool:
+    """flag on any process (a collective under FSDP, where a decode loop goes on while any process has
+    a row still generating); otherwise this process's flag."""
+    if not fsdp():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def map_rows(fn, n: int, batch: int | None = None, group: int = 1, device=None):
+    """fn(rows: slice) on this process's share of n rows, every process's results gathered in order:
     tensors concatenated along dim 0 (on `device`, else the CPU), lists joined. Every process must call
-    it (a collective); alone, or under FSDP, it is fn(slice(0, n))."""
-    if world() == 1 or fsdp():
-        return fn(slice(0, n))
+    it (a collective). batch: fn runs forward passes on `batch` rows at a time, and under FSDP (where a
+    forward pass is a collective) each process makes as many calls as the busiest one (lockstep);
+    None: one call on the whole share, for an fn that runs no model."""
     mine = share(n, group)
-    out = fn(mine) if mine.stop > mine.start else None
+    size = batch or max(1, mine.stop - mine.start)
+    starts = range(mine.start, mine.stop, size)
+    extra = lockstep(len(starts)) - len(starts) if batch else 0  # before any pass: FSDP's collectives in order
+    parts = [fn(slice(i, min(i + size, mine.stop))) for i in starts]
+    for _ in range(extra):
+        fn(slice(0, min(size, n)))  # in step with the others; the result is not this process's
+    if world() == 1:
+        return _join(parts)
+    out = _join(parts) if parts else None
     parts = [p for p in gather(out.cpu() if isinstance(out, torch.Tensor) else out) if p is not None]
+    return _join(parts, device or "cpu")
+
+
+def _join(parts: list, device=None):
     if parts and isinstance(parts[0], torch.Tensor):
-        return torch.cat(parts).to(device or "cpu")
+        return torch.cat(parts).to(device) if device else torch.cat(parts)
     return [x for p in parts for x in p]
 
 

@@ -34,8 +34,8 @@ def generate(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, batch
     device = next(model.parameters()).device
     mine = dist.share(len(prompt_ids))
     r = rollout.sample(model, prompt_ids[mine], n, max_new_tokens, temperature, models.stop_ids(tok),
-                       tok.pad_token_id, batch_size, seed, mine.start * n, device) if mine.stop > mine.start else None
-    if dist.world() > 1 and not dist.fsdp():  # each process sampled its share
+                       tok.pad_token_id, batch_size, seed, mine.start * n, device)  # None for no prompts
+    if dist.world() > 1:  # each process sampled its share
         parts = [p for p in dist.gather(r.to("cpu") if r is not None else None) if p is not None]
         r = rollout.concat(parts, tok.pad_token_id).to(device)
     return Answers(r, decode(tok, r.seqs))
@@ -78,13 +78,10 @@ def kl_to_reference(policy, ref, seqs: Sequences, batch_size: int) -> torch.Tens
     device = next(policy.parameters()).device
 
     def kl(rows: slice) -> torch.Tensor:
-        out = []
-        for i in range(rows.start, rows.stop, batch_size):
-            part = seqs.select(slice(i, min(i + batch_size, rows.stop))).to(device)
-            logp = torch.log_softmax(completion_logits(policy, part).float(), -1)  # [b, C, V]
-            logq = torch.log_softmax(completion_logits(ref, part).float(), -1)  # [b, C, V]
-            per_token = (logp.exp() * (logp - logq)).sum(-1)  # [b, C]
-            out.append((per_token * part.completion_mask).sum(-1).cpu())
-        return torch.cat(out)
+        part = seqs.select(rows).to(device)
+        logp = torch.log_softmax(completion_logits(policy, part).float(), -1)  # [b, C, V]
+        logq = torch.log_softmax(completion_logits(ref, part).float(), -1)  # [b, C, V]
+        per_token = (logp.exp() * (logp - logq)).sum(-1)  # [b, C]
+        return (per_token * part.completion_mask).sum(-1).cpu()
 
-    return dist.map_rows(kl, len(seqs))
+    return dist.map_rows(kl, len(seqs), batch_size)

@@ -3,32 +3,38 @@ optimizer state do not fit one device. Each process holds 1/N of every parameter
 layer's full weights only while it runs; gradients are reduce-scattered after the backward pass.
 
 Chosen by the machine, as the number of processes is (dist.fsdp): the same params give the same
-artifacts. What changes for the rest of the code, and is handled here or in train / stage:
-- every forward pass is a collective, so all processes run the same passes: generation and scoring
-  are not split across processes (dist.share), and an update runs the same number of micro-batches
-  on each process (train.GuardedStep pads with zero-share ones);
+artifacts. Every model a stage holds is sharded: the one it trains (models.for_training) and those it
+only runs (models.frozen: a reference, a reward model). What changes for the rest of the code, and is
+handled here or in dist / train / stage:
+- every forward pass is a collective, so all processes run the same number of them: generation and
+  scoring are split across processes as without FSDP, and a process with fewer rows repeats a pass
+  (dist.lockstep); an update runs the same number of micro-batches on each process
+  (train.GuardedStep pads with zero-share ones);
 - FSDP averages gradients over processes where the loop sums them, so a process's loss is scaled by N;
 - checkpoints and the written model are gathered into full state dicts (a collective), written by
-  the main process only.
-LoRA under FSDP is not supported (the adapter merge wants the full weights in one place): each
-process then holds the frozen base, which LoRA keeps small anyway.
+  the main process only; a LoRA model is made whole on the main process's CPU and merged there
+  (lora.unsharded);
+- chunked log-probs run the output head outside the model's forward: that function is registered
+  as a forward method of the model, so FSDP gathers the head's weights for it (register_fsdp_forward_method).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import dist
-from .config import ConfigError
+from . import dist, logprobs, lora
 
 
 def shard(model, task: str = "CAUSAL_LM"):
     """fully_shard each transformer block (the classes the model lists in `_no_split_modules`), then the
     rest as the root group → the same module, now sharded in place. A reward or value model (SEQ_CLS) is
     scored through its body and head separately (rewards.score_sequences), so each of those is a group of
-    its own: a module called outside its group's forward would see only its shard."""
+    its own: a module called outside its group's forward would see only its shard. A LoRA model (peft)
+    is sharded the same way, adapters with the layers they adapt."""
+    import types
+
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (dist.world(),))
@@ -37,20 +43,13 @@ def shard(model, task: str = "CAUSAL_LM"):
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh)
     if task == "SEQ_CLS":
-        fully_shard(model.base_model, mesh=mesh)
+        fully_shard((model.get_base_model() if lora.is_lora(model) else model).base_model, mesh=mesh)
         fully_shard(model.score, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if task == "CAUSAL_LM":
+        setattr(model, logprobs.CHUNKED, types.MethodType(logprobs.chunked_token_logps, model))
+        register_fsdp_forward_method(model, logprobs.CHUNKED)
     return model
-
-
-def check(c, task: str) -> None:
-    """Settings that FSDP does not support yet, as a one-line error."""
-    where = "under FSDP (distributed_type: FSDP in the machine's accelerate config, or ALIGNPIPE_FSDP=1)"
-    if c.lora.r:
-        raise ConfigError(f"lora.r: LoRA is not supported {where}; run LoRA on several processes without FSDP")
-    if c.logprob_chunk and task == "CAUSAL_LM":
-        raise ConfigError(f"logprob_chunk: chunked log-probs are not supported {where} (the output head runs "
-                          "outside the model's forward); set it to 0")
 
 
 def is_sharded(model) -> bool:

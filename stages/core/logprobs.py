@@ -80,7 +80,9 @@ def token_logps(model, seqs: Sequences, temperature: float = 1.0, with_entropy: 
     recomputed in the backward pass, so at most [B, chunk, V] logits exist at once (a long completion
     with a 150k vocabulary would otherwise hold B·C·V floats, twice). Same values as chunk = 0."""
     if chunk and chunk < seqs.input_ids.shape[1] - seqs.prompt_len:
-        return _chunked_token_logps(model, seqs, temperature, with_entropy, chunk)
+        run = getattr(model, CHUNKED, None)  # a sharded model's own (fsdp.shard)
+        return run(seqs, temperature, with_entropy, chunk) if run else chunked_token_logps(model, seqs, temperature,
+                                                                                          with_entropy, chunk)
     logits = completion_logits(model, seqs)  # [B, C, V]
     if temperature != 1.0:
         logits = logits / temperature
@@ -91,7 +93,12 @@ def token_logps(model, seqs: Sequences, temperature: float = 1.0, with_entropy: 
     return logps, entropy_from_logits(logits.detach()) * mask
 
 
-def _chunked_token_logps(model, seqs: Sequences, temperature: float, with_entropy: bool, chunk: int):
+CHUNKED = "chunked_token_logps"
+"""The name a sharded model holds chunked_token_logps under, as one of its forward methods (fsdp.shard):
+it runs the output head outside the model's forward, where FSDP would not gather the head's weights."""
+
+
+def chunked_token_logps(model, seqs: Sequences, temperature: float, with_entropy: bool, chunk: int):
     from torch.utils.checkpoint import checkpoint
 
     n_completion = seqs.input_ids.shape[1] - seqs.prompt_len
@@ -127,11 +134,8 @@ def _chunked_token_logps(model, seqs: Sequences, temperature: float, with_entrop
 def batched_token_logps(model, seqs: Sequences, batch_size: int, temperature: float = 1.0) -> torch.Tensor:
     """token_logps in chunks, without grad (reference and old-policy log-probs), sharded across the
     processes of a launched stage (every process calls it and gets every row).  → [B, C] on seqs' device"""
-    def part(rows: slice) -> torch.Tensor:
-        return torch.cat([token_logps(model, seqs.select(slice(i, min(i + batch_size, rows.stop))), temperature)
-                          for i in range(rows.start, rows.stop, batch_size)])
-
-    return dist.map_rows(part, len(seqs), device=seqs.input_ids.device)
+    return dist.map_rows(lambda rows: token_logps(model, seqs.select(rows), temperature), len(seqs), batch_size,
+                         device=seqs.input_ids.device)
 
 
 def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

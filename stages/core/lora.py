@@ -41,6 +41,25 @@ class AdapterOff(torch.nn.Module):
             return self.policy(*args, **kwargs)
 
 
+def unsharded(model, state: dict[str, torch.Tensor]):
+    """A LoRA model whose parameters are shards (FSDP) and its gathered full state (fsdp.full_state) →
+    the same LoRA model whole, on the CPU, to merge or save: built on the meta device (no second
+    initialisation), then given the state's tensors."""
+    import copy
+
+    from peft import get_peft_model
+
+    base = model.get_base_model()
+    with torch.device("meta"):
+        whole = get_peft_model(type(base)(base.config), copy.deepcopy(model.peft_config["default"]))
+    whole.load_state_dict(state, strict=False, assign=True)
+    whole.get_base_model().tie_weights()  # a tied output head is in the state once, under the embeddings
+    left = [name for name, p in whole.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"the gathered LoRA state lacks {len(left)} tensors ({left[0]}, ...)")
+    return whole
+
+
 def save_adapter(model, tok, out: str | Path) -> None:
     """The adapter alone, with the model's config (a reward model's score statistics live there) and its
     tokenizer; adapter_config.json records the base."""

@@ -168,6 +168,8 @@ def save(model, tok, out: str | Path, dtype: torch.dtype = torch.float32, adapte
     adapter folded into plain weights) unless adapter_only: then the adapter alone, with the model's
     config (a reward model's score statistics live there), and its base recorded in adapter_config.json.
     state: the model's full state dict when its own parameters are shards (FSDP)."""
+    if state is not None and lora.is_lora(model):
+        model, state = lora.unsharded(model, state), None
     if state is not None:
         model.save_pretrained(out, state_dict={k: v.to(dtype) for k, v in state.items()})
         tok.save_pretrained(out)
@@ -208,10 +210,9 @@ def for_training(model, c, task: str = "CAUSAL_LM"):
     (dist.fsdp)."""
     if c.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if dist.fsdp():
-        fsdp.check(c, task)
-        return fsdp.shard(model, task)
-    return lora.wrap(model, c.lora, task) if c.lora.r else model
+    if c.lora.r:
+        model = lora.wrap(model, c.lora, task)
+    return fsdp.shard(model, task) if dist.fsdp() else model
 
 
 def _from_pretrained(auto, path: str, **kwargs):
@@ -240,10 +241,15 @@ def load_causal_lm(path: str, device: torch.device, trainable: bool = True):
     from transformers import AutoModelForCausalLM
 
     model = _from_pretrained(AutoModelForCausalLM, path).to(device)
-    model.train(trainable)
-    if not trainable:
-        model.requires_grad_(False)
-    return model
+    return model.train() if trainable else frozen(model, "CAUSAL_LM")
+
+
+def frozen(model, task: str):
+    """A model that is only run, never trained (a reference, a reward model, the policy evaluate
+    measures): in eval mode, without gradients, and sharded like a trained one under FSDP (no process
+    holds a whole copy)."""
+    model.eval().requires_grad_(False)
+    return fsdp.shard(model, task) if dist.fsdp() else model
 
 
 def disable_dropout(model):
@@ -264,10 +270,7 @@ def load_reward_model(path: str, device: torch.device, trainable: bool = False, 
     model = _from_pretrained(AutoModelForSequenceClassification, path, num_labels=1).to(device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
-    model.train(trainable)
-    if not trainable:
-        model.requires_grad_(False)
-    return model
+    return model.train() if trainable else frozen(model, "SEQ_CLS")
 
 
 # ---------------------------------------------------------------------------------------------- device

@@ -131,11 +131,8 @@ def score_sequences(rm, seqs: Sequences) -> torch.Tensor:
 def reward_model_scores(rm, seqs: Sequences, batch_size: int) -> torch.Tensor:
     """score_sequences in chunks, without grad, sharded across the processes of a launched stage
     (every process calls it and gets every score).  → [N] on the CPU"""
-    def part(rows: slice) -> torch.Tensor:
-        return torch.cat([score_sequences(rm, seqs.select(slice(i, min(i + batch_size, rows.stop))).to(rm.device)).cpu()
-                          for i in range(rows.start, rows.stop, batch_size)])
-
-    return dist.map_rows(part, len(seqs))
+    return dist.map_rows(lambda rows: score_sequences(rm, seqs.select(rows).to(rm.device)).cpu(), len(seqs),
+                         batch_size)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

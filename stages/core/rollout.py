@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import dist
 from .logprobs import Sequences, position_ids, selective_log_softmax
 
 
@@ -96,7 +97,7 @@ def _sample_batch(model, prompt_ids, prompt_mask, max_new_tokens, temperature, s
         logps.append(lp * alive)
         mask = torch.cat([mask, alive[:, None]], dim=1)
         done = done | torch.isin(tok, stop)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or not dist.any_process(not bool(done.all()), device):  # FSDP: in step
             break
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos + step,
                     past_key_values=cache, use_cache=True)
@@ -113,7 +114,11 @@ def sample(model, prompts: list[list[int]], n_per_prompt: int, max_new_tokens: i
     (first_row: where these rows start in a larger batch split across processes). A completion ends
     at the first of `stop_ids` (every EOS the model's generation config lists), which it keeps. Rows
     are generated `batch_size` at a time; all come back padded to one width (the longest completion)
-    so the result is one batch in the shared layout.
+    so the result is one batch in the shared layout (None for no prompts).
+
+    Under FSDP every forward pass is a collective: each process runs as many batches as the busiest
+    one (dist.lockstep), and decodes while any process has a row still generating (a finished row gets
+    padding, as it does while others in its own batch go on).
     """
     if temperature > 0 and seed is None:
         raise ValueError("sampling at a temperature above 0 needs a seed")
@@ -121,15 +126,20 @@ def sample(model, prompts: list[list[int]], n_per_prompt: int, max_new_tokens: i
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     was_training = model.training
     model.eval()
-    parts = []
-    for i in range(0, len(rows), batch_size):
+    parts, starts = [], range(0, len(rows), batch_size)
+    extra = dist.lockstep(len(starts)) - len(starts)  # FSDP: batches in step with the others (known first)
+    for i in starts:
         ids, mask = left_pad(rows[i:i + batch_size], pad_id)
         streams = [torch.Generator().manual_seed(stream_seed(seed, first_row + j))
                    for j in range(i, i + len(ids))] if temperature > 0 else None
         parts.append(_sample_batch(model, ids.to(device), mask.to(device), max_new_tokens, temperature,
                                    stop_ids, pad_id, streams))
+    for _ in range(extra):  # the result is dropped
+        ids, mask = left_pad(rows[:batch_size] or [[pad_id]], pad_id)
+        streams = [torch.Generator().manual_seed(0) for _ in ids] if temperature > 0 else None
+        _sample_batch(model, ids.to(device), mask.to(device), max_new_tokens, temperature, stop_ids, pad_id, streams)
     model.train(was_training)
-    return concat(parts, pad_id)
+    return concat(parts, pad_id) if parts else None
 
 
 def concat(parts: list[Rollout], pad_id: int) -> Rollout:
