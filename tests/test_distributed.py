@@ -78,6 +78,24 @@ def test_two_processes_equal_one(upstream, stage, section, settings, sharded):  
     assert m2["train/grad_norm"] == pytest.approx(m1["train/grad_norm"], rel=1e-4)
 
 
+def test_a_lora_adapter_saved_alone_under_fsdp_equals_one_process(upstream):  # noqa: F811
+    """lora.output: adapter under FSDP: the adapter is cut from the gathered state on the main process
+    (lora.unsharded) and is the one a single process saves."""
+    from safetensors.torch import load_file
+
+    d = upstream
+    smoke_params(d / "params.yaml", **{"sft.steps": 4, "sft.lora": {"r": 4, "output": "adapter"}})
+    try:
+        run(d, "sft", "models/sft_adapter_1p", 1)
+        run(d, "sft", "models/sft_adapter_2p", 2, ALIGNPIPE_FSDP=1)
+    finally:
+        shutil.copy(helpers.SMOKE, d / "params.yaml")
+    one, two = (load_file(str(d / f"models/sft_adapter_{n}p" / "adapter_model.safetensors")) for n in (1, 2))
+    assert one and all("lora_" in k for k in one)  # the adapter alone
+    assert max_gap(one, two) < TOL
+    assert json.loads((d / "models/sft_adapter_2p/adapter_config.json").read_text())["r"] == 4
+
+
 def read_rows(path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
