@@ -118,7 +118,7 @@ def main(argv=None) -> str:
         seqs, truncated = ans.seqs, ans.rollout.truncated.tolist()
         with models.autocast(device):
             scores = rewards.score_completions(c.score, ans.texts, truncated, rewards.group_columns(prompts, k), rm,
-                                               seqs, c.batch_size, cfg.verifier)
+                                               seqs, c.batch_size, cfg.verifier, group=k)
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(seqs.completion_ids, seqs.completion_mask)]
         prompt_ids = [prompts[i // k]["prompt_ids"] for i in range(len(ans.texts))]
         ref = ref_logps(policy, prompt_ids, completion_ids, tok.pad_token_id, c.batch_size, device)  # temperature 1

@@ -96,6 +96,15 @@ def test_a_lora_adapter_saved_alone_under_fsdp_equals_one_process(upstream):  # 
     assert json.loads((d / "models/sft_adapter_2p/adapter_config.json").read_text())["r"] == 4
 
 
+def counted_reward(completions, prompts, **_) -> list[float]:
+    """A user's reward function (pairs.score.functions) that logs how many completions each call got."""
+    if os.environ.get("COUNTED_REWARD_LOG"):
+        with open(os.environ["COUNTED_REWARD_LOG"], "a") as f:
+            f.write(f"{os.getpid()} {len(completions)}\n")
+    assert len(prompts) == len(completions)
+    return [len(c) / 10 for c in completions]
+
+
 def read_rows(path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
@@ -125,8 +134,11 @@ def test_generation_and_scoring_are_sharded_and_equal_one_process(upstream, shar
     for name, rows in (("prompts", 31), ("eval", 23)):
         lines = (d / f"data/{name}.jsonl").read_text().splitlines(True)
         (d / f"data/{name}_odd.jsonl").write_text("".join(lines[:rows]))
-    smoke_params(d / "params.yaml", **{"pairs.batch_size": 60, "evaluate.batch_size": 11})
-    runs = {"1p": {"ALIGNPIPE_PROCESSES": 1}, "2p": {"ALIGNPIPE_PROCESSES": 2, "ALIGNPIPE_FSDP": int(sharded)}}
+    smoke_params(d / "params.yaml", **{"pairs.batch_size": 60, "evaluate.batch_size": 11,
+                                       "pairs.score.functions": {"tests.test_distributed:counted_reward": 0.5}})
+    counts = d / f"counts_{sharded}"
+    runs = {"1p": {"ALIGNPIPE_PROCESSES": 1},
+            "2p": {"ALIGNPIPE_PROCESSES": 2, "ALIGNPIPE_FSDP": int(sharded), "COUNTED_REWARD_LOG": counts}}
     try:
         for name, env in runs.items():
             if name == "1p" and (d / "eval_1p.json").exists():
@@ -141,6 +153,8 @@ def test_generation_and_scoring_are_sharded_and_equal_one_process(upstream, shar
         shutil.copy(helpers.SMOKE, d / "params.yaml")
     for name in ("samples", "pairs", "kto"):
         same_rows(read_rows(d / "pairs_1p" / f"{name}.jsonl"), read_rows(d / "pairs_2p" / f"{name}.jsonl"))
+    calls = [line.split() for line in counts.read_text().splitlines()]  # a user's reward: each completion once
+    assert len({pid for pid, _ in calls}) == 2 and sum(int(n) for _, n in calls) == 31 * 4
     same_rows(read_rows(d / "answers_1p.jsonl"), read_rows(d / "answers_2p.jsonl"))
     e1, e2 = (json.loads((d / f"eval_{n}.json").read_text()) for n in ("1p", "2p"))
     for key in ("eval/accuracy", "eval/reward_mean", "eval/win_rate_vs_sft", "eval/kl_to_ref", "eval/length"):

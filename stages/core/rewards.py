@@ -191,11 +191,12 @@ def group_columns(rows: list[dict], k: int) -> dict[str, list]:
 
 
 def score_completions(weights, texts: list[str], truncated: list[bool], columns: dict[str, list], rm,
-                      seqs: Sequences, batch_size: int, verifier=None) -> Scores:
+                      seqs: Sequences, batch_size: int, verifier=None, group: int = 1) -> Scores:
     """Every reward of each completion and their mix. columns: per completion, `answer` (the reference;
     None: the verifier cannot check it) and the prompt set's other columns (group_columns), passed to
     reward functions. The verifier and format are always computed (they are logged); the reward model
-    only when its weight is > 0."""
+    only when its weight is > 0. In a launched stage a user's reward function is called on each
+    process's share of the completions, whole groups of `group` (a prompt's completions together)."""
     trl_kw = {"answer": [None] * len(texts), "truncated": truncated, **columns,
               "completion_ids": [ids[m.bool()].tolist() for ids, m in zip(seqs.completion_ids, seqs.completion_mask)]}
     kw = {**trl_kw, "extract": getattr(verifier, "extract", "whole"), "compare": getattr(verifier, "compare", "exact"),
@@ -205,11 +206,25 @@ def score_completions(weights, texts: list[str], truncated: list[bool], columns:
     parts = []
     for name, weight, fn in reward_functions(weights):
         if name not in values:
-            values[name] = fn(texts, **(kw if name in BUILT_IN else trl_kw))
+            values[name] = fn(texts, **kw) if name in BUILT_IN else user_reward(name, fn, texts, trl_kw, group)
             check_values(values[name], len(texts), name)
         parts.append((weight, values[name]))
     rm_scores = torch.tensor(values["reward_model"]) if "reward_model" in values else None
     return Scores(mix(parts), values["verifier"], values["format"], rm_scores, values)
+
+
+def user_reward(name: str, fn, texts: list[str], kw: dict, group: int) -> list:
+    """A user's reward function called once per completion across the processes of a launched stage
+    (each process on its share, as TRL calls it; a function that calls an API is not called N times
+    over), the values gathered in order."""
+    n = len(texts)
+
+    def call(rows: slice) -> list:
+        out = fn(texts[rows], **{k: v[rows] if isinstance(v, list) and len(v) == n else v for k, v in kw.items()})
+        check_values(out, rows.stop - rows.start, name)
+        return list(out)
+
+    return dist.map_rows(call, n, group=group)
 
 
 def check_values(values, n: int, name: str) -> None:

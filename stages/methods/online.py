@@ -89,7 +89,7 @@ def collect(policy, ref, rm, tok, rows: list[dict], c, seed: int, device, need_o
     truncated = ans.rollout.truncated
     with models.autocast(device):
         scores = rewards.score_completions(c.reward, ans.texts, truncated.tolist(), columns, rm, seqs,
-                                           c.gen_batch_size, verifier)
+                                           c.gen_batch_size, verifier, group=k)
         ref_logps = batched_token_logps(ref, seqs, c.gen_batch_size, c.temperature) if ref is not None else None
         old_logps = batched_token_logps(policy, seqs, c.gen_batch_size, c.temperature) if need_old else None
     scored = ~torch.isnan(scores.total)
