@@ -9,13 +9,14 @@ project's own outputs, cache or dvc.lock. A workspace is what a new checkout of 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTENTS = ["stages", "flows", "dvc.yaml", ".dvcignore", ".gitignore"]
+CONTENTS = ["stages", "flows", "dvc.yaml", ".dvcignore", ".gitignore", "inputs"]
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
@@ -53,12 +54,20 @@ def copy_code(dest: Path, params: str | Path | None = None, src: Path = ROOT) ->
     Outputs, DVC's cache and dvc.lock stay: a later `dvc repro` reruns only what the new code made stale."""
     for name in CONTENTS:
         s = src / name
-        if s.is_dir():
+        if s.is_dir():  # the user's inputs/ as hardlinks where it can: a model directory is not copied
             shutil.rmtree(dest / name, ignore_errors=True)
-            shutil.copytree(s, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(s, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                            copy_function=_link_or_copy if name == "inputs" else shutil.copy2)
         else:
             shutil.copy2(s, dest / name)
     shutil.copy2(Path(params) if params else src / "params.yaml", dest / "params.yaml")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
 
 
 def main() -> None:

@@ -140,22 +140,26 @@ def test_a_code_change_reruns_only_the_stages_that_run_that_code(ws):
         advantages_py.write_text(originals[1])
 
 
-def test_an_edited_local_input_reruns_prepare(ws):
-    """A data file that params.yaml names is no DVC dep by itself: the check stage (run by every repro)
-    records its digest in inputs.lock.json, which prepare depends on, so editing the file makes prepare
-    stale and the repro reads the new rows; a typo in params fails at once even with nothing stale."""
+@pytest.mark.parametrize("folder", ["inputs", "elsewhere"])
+def test_an_edited_local_input_reruns_prepare(ws, folder):
+    """A data file that params.yaml names: under inputs/ (a dep of prepare) a bare `dvc status` shows
+    prepare stale as soon as the file changes; elsewhere, the check stage (run by every repro) records
+    its digest in inputs.lock.json, which prepare depends on, so `dvc status` sees the edit once check
+    has run. Either way the repro reads the new rows; a typo in params fails at once with nothing stale."""
     d, _ = ws
     rows = [{"prompt": r["prompt"], "answer": r["answer"]}
             for r in map(json.loads, (d / "data" / "eval.jsonl").read_text().splitlines())]
-    (d / "inputs").mkdir()
-    user_file = d / "inputs" / "eval.jsonl"
+    (d / folder).mkdir(exist_ok=True)
+    user_file = d / folder / "eval.jsonl"
     user_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     params = (d / "params.yaml").read_text()
     try:
-        params_edit.apply(d / "params.yaml", {"data.eval": "inputs/eval.jsonl"})
+        params_edit.apply(d / "params.yaml", {"data.eval": f"{folder}/eval.jsonl"})
         assert "prepare" in helpers.ran_stages(helpers.dvc("repro", "prepare", cwd=d).stdout)
+        assert "prepare" not in helpers.dvc("status", "prepare", cwd=d).stdout
         user_file.write_text("".join(json.dumps({**r, "answer": "7"}) + "\n" for r in rows[:5]))
-        helpers.dvc("repro", "check", cwd=d)
+        if folder != "inputs":
+            helpers.dvc("repro", "check", cwd=d)
         assert "prepare" in helpers.dvc("status", "prepare", cwd=d).stdout  # stale: its inputs changed
         assert helpers.ran_stages(helpers.dvc("repro", "prepare", cwd=d).stdout) == {"prepare"}
         eval_rows = [json.loads(x) for x in (d / "data" / "eval.jsonl").read_text().splitlines()]
@@ -168,4 +172,5 @@ def test_an_edited_local_input_reruns_prepare(ws):
         assert "error: params.yaml: seed:" in out.stdout + out.stderr
     finally:
         (d / "params.yaml").write_text(params)
+        user_file.unlink()
         helpers.dvc("repro", "prepare", cwd=d)
