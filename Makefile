@@ -9,7 +9,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run compare smoke real test lint bench ui clean
+.PHONY: setup run compare study smoke real test lint bench ui clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,13 @@ run: setup
 compare: setup
 	$(BIN)/python -m flows.pipeline --methods ppo dpo ipo kto grpo rloo
 	$(UI_HINT)
+
+# The comparison over several seeds with 95% intervals and paired tests, plus the noisy-preference and
+# reward-hacking runs (params.yaml's `study` section), in the scratch workspace .study/; the report is
+# study/report.md. Options override the section: make study STUDY="--seeds 0 1 2 3 4 --noise".
+study: setup
+	$(BIN)/python -m flows.study $(STUDY)
+	@echo "report: study/report.md (plots and per-seed values beside it; dvc exp show in .study/ lists the runs)"
 
 # The whole chain on the smoke profile, in a scratch workspace (.smoke/), in about a minute.
 smoke: setup

@@ -16,6 +16,7 @@ Outputs in --out: samples.jsonl (every completion: ids, text, scores, ref logp),
 from __future__ import annotations
 
 import math
+import random
 import time
 
 from stages.core import config, data, dist, evaluation, io, models, rewards, stage, tracking
@@ -62,6 +63,24 @@ def build_pairs(samples: list[dict], k: int, truncated: str = "drop", penalty: f
             "rejected_verifier": worst["verifier"], "rejected_truncated": worst["truncated"],
         })
     return pairs, counts
+
+
+SIDES = ("", "_ids", "_ref_logp", "_score", "_verifier")
+"""The fields a pair holds for each side: chosen<field> and rejected<field>."""
+
+
+def flip(pairs: list[dict], fraction: float, seed: int) -> list[dict]:
+    """round(fraction · n) pairs, drawn from the seed, with chosen and rejected swapped (a swapped pair's
+    rejected side was finished, as every chosen one is): label noise on purpose."""
+    picked = set(random.Random(seed).sample(range(len(pairs)), round(fraction * len(pairs))))
+    out = []
+    for i, p in enumerate(pairs):
+        if i in picked:
+            swapped = {f"{side}{f}": p[f"{other}{f}"] for f in SIDES
+                       for side, other in (("chosen", "rejected"), ("rejected", "chosen"))}
+            p = {**p, **swapped, "rejected_truncated": False}
+        out.append(p)
+    return out
 
 
 def unpaired(pairs: list[dict]) -> list[dict]:
@@ -137,6 +156,7 @@ def main(argv=None) -> str:
                    f"{dropped['unfinished']} with no finished completion")
             raise stage.StageFailed(f"pairs: no pair could be formed from {len(prompts)} prompts ({why}): {cause}; "
                                     f"e.g. reply {ans.texts[0][:80]!r}, reference answer {answers[0]!r}")
+        pairs = flip(pairs, c.flip_fraction, cfg.seed) if c.flip_fraction else pairs
         kto_rows = unpaired(pairs)
         kl_ref = ref_logps(policy, [r["prompt_ids"] for r in kto_rows], [r["kl_completion_ids"] for r in kto_rows],
                            tok.pad_token_id, c.batch_size, device)
@@ -146,6 +166,7 @@ def main(argv=None) -> str:
         n_tokens = int(seqs.completion_mask.sum())
         metrics = {
             "pairs/n_prompts": len(prompts), "pairs/n_samples": len(samples), "pairs/n_pairs": len(pairs),
+            "pairs/flipped": round(c.flip_fraction * len(pairs)),
             "pairs/ties_dropped": dropped["ties"], "pairs/unscorable_dropped": dropped["unscorable"],
             "pairs/unfinished_dropped": dropped["unfinished"], "pairs/truncated_dropped": dropped["truncated_dropped"],
             "pairs/truncated_penalized": dropped["truncated_penalized"],

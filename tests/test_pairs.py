@@ -36,3 +36,21 @@ def test_a_group_with_no_finished_completion_gives_no_pair():
     assert pairs == [] and counts["unfinished"] == 1
     pairs, counts = build_pairs([sample(0.9, True), sample(0.1, True)], 2, truncated="drop")
     assert pairs == [] and counts["unscorable"] == 1 and counts["truncated_dropped"] == 2
+
+
+def test_flipped_pairs_swap_every_field_of_their_sides_and_only_the_share_asked():
+    from stages.pairs import SIDES, flip, unpaired
+
+    groups = [s for g in range(10) for s in (sample(g + 0.9, ids=[100 + g]), sample(g + 0.1, ids=[200 + g]))]
+    pairs, _ = build_pairs(groups, 2)
+    flipped = flip(pairs, 0.3, seed=0)
+    swapped = [i for i, (a, b) in enumerate(zip(pairs, flipped)) if a != b]
+    assert len(swapped) == 3 and flip(pairs, 0.3, seed=0) == flipped  # round(0.3 · 10), the same from the seed
+    for i in swapped:
+        for f in SIDES:
+            assert flipped[i][f"chosen{f}"] == pairs[i][f"rejected{f}"]
+            assert flipped[i][f"rejected{f}"] == pairs[i][f"chosen{f}"]
+        assert flipped[i]["chosen_score"] < flipped[i]["rejected_score"]
+    labels = {(r["completion_ids"][0], r["label"]) for r in unpaired(flipped)}  # KTO's labels flip with them
+    assert (200 + swapped[0], True) in labels and (100 + swapped[0], False) in labels
+    assert flip(pairs, 0.0, seed=0) == pairs

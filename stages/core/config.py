@@ -281,6 +281,10 @@ class PairsConfig(Section):
     it from its group, or keep it as a rejected candidate with its score lowered by truncated_penalty."""
     truncated_penalty: float = Field(1.0, ge=0.0)
     """Subtracted from a truncated completion's score when truncated: penalize."""
+    flip_fraction: float = Field(0.0, ge=0.0, le=0.5)
+    """Share of the pairs whose chosen and rejected are swapped (which ones: drawn from the seed), for
+    measuring how a method stands noisy preferences (the study's noise condition); KTO's rows come from
+    the pairs, so their labels flip with them. 0 for real use."""
 
 
 # ---------------------------------------------------------------------------------------------- align
@@ -447,6 +451,33 @@ class EvaluateConfig(Section):
     """Sequences per generation / scoring batch."""
 
 
+class StudyConfig(Section):
+    """`make study` (flows/study.py): the comparison over several seeds. No stage reads it."""
+
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    """Seeds, each a replicate of the whole chain. With 3, t(0.975, 2) = 4.3 makes intervals wide; each
+    seed more costs one more chain and narrows them."""
+    methods: list[str] = ["ppo", "dpo", "ipo", "kto", "grpo", "rloo"]
+    """Methods of the main condition."""
+    noise: list[float] = [0.2, 0.4]
+    """Shares of flipped pairs (pairs.flip_fraction) of the noisy-preference condition, run on the offline
+    methods; [] leaves it out."""
+    hacking: bool = True
+    """Run GRPO rewarded by the reward model alone next to the main GRPO (rewarded by the verifier)."""
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, methods: list[str]) -> list[str]:
+        return AlignConfig._known(methods)
+
+    @field_validator("noise")
+    @classmethod
+    def _shares(cls, noise: list[float]) -> list[float]:
+        if any(not 0 < f <= 0.5 for f in noise):
+            raise ValueError("each share must be in (0, 0.5]")
+        return noise
+
+
 class Params(Section):
     seed: int = 0
     """Seed of everything random: data, initialisation, sampling, data order."""
@@ -458,6 +489,7 @@ class Params(Section):
     align: AlignConfig = AlignConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     verifier: VerifierConfig = VerifierConfig()
+    study: StudyConfig = StudyConfig()
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -270,7 +270,8 @@ class StepLog:
         """Record a 1-based step's metrics; tokens processed feed perf/tokens_per_sec."""
         self.tokens += tokens
         self.bar.update(1)
-        always = {k for k in metrics if k.startswith("probe/")}  # rare and costly: never dropped
+        always = {k for k in metrics if k.startswith("probe/")}  # rare and costly: never dropped, nor what it cost
+        always |= {k for k in metrics if k.startswith("cost/")} if always else set()
         if step % self.every and step != self.bar.total:
             metrics = {k: metrics[k] for k in always}
             if not metrics:
@@ -348,6 +349,7 @@ def fit(name: str, model, c, seed: int, tracker, inputs: list, plan: Callable[[i
                    "step_seconds": gen["step_seconds"] + step_seconds, "generated": gen["generated"] + p.generated}
         if step + 1 in probe_at:  # every process: its generation is sharded
             metrics.update(probe())
+        metrics.update({"cost/tokens_generated": gen["generated"], "cost/wall_s": prior_s + time.perf_counter() - t0})
         log.step(step + 1, metrics, tokens=sum(d[3] for d in done))
         ckpt.maybe_save(step + 1, c.checkpoint_every, steps, model, opt, log.rows,
                         lambda: {**(state() if state else {}), "elapsed_s": prior_s + time.perf_counter() - t0,

@@ -1,0 +1,137 @@
+"""`make study`: the method comparison over several seeds, with intervals and paired tests, and the
+experiments that measure the other rows of the seeds' method-selection tables, in the scratch
+workspace `.study/`; the report lands in `study/`.
+
+    python -m flows.study [--seeds 0 1 2] [--methods ...] [--noise 0.2 0.4] [--no-hacking]
+                          [--params params.yaml] [--workspace .study] [--out study]
+
+Seeds, methods, noise and hacking default to params.yaml's `study` section (seeds 0 1 2, all six
+methods, 20% and 40% flipped pairs, the reward-model GRPO); the options override it.
+
+A seed is a replicate of the whole chain (its own data draw, base model, SFT, reward model, pairs
+and alignment runs). Each (condition, seed) is one run of the pipeline flow with param overrides, so
+every stage goes through DVC in one workspace: a stage already run with those params and inputs is
+restored from DVC's run-cache, never retrained, so a study that is run again (or grown by a seed)
+runs only what is missing. Each run is then saved as a DVC experiment, `study-<condition>-s<seed>`
+(`dvc exp show` in the workspace lists them side by side; `dvc exp apply` brings one's artifacts back).
+
+Conditions (every one on every seed):
+- main: the methods (default: all of them), on the params as they are;
+- noise-<f>: the offline methods (DPO, IPO, KTO) on pairs with a share f of chosen/rejected swapped
+  (pairs.flip_fraction): accuracy against label noise; upstream of pairs is the main run's, cached;
+- rm-reward: GRPO rewarded by the reward model alone (verifier weight 0), next to the main GRPO
+  rewarded by the verifier: how far the reward-model score rises against how far accuracy does.
+
+Seeds run one after another: on a machine whose stages already use every core (as on a 2-core CPU),
+running seeds side by side (`dvc queue start -j N`) gains nothing and splits the cores; on a GPU
+machine, start one study per GPU with disjoint --seeds and workspaces and report them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows import params as params_edit
+from flows import pipeline, study_report, workspace
+
+SNAPSHOT = ["metrics", "plots"]
+"""What a run leaves that the report reads, copied per (condition, seed) into <out>/runs/."""
+
+
+@dataclass
+class Condition:
+    name: str
+    methods: list[str]
+    overrides: dict = field(default_factory=dict)
+
+
+def conditions(methods: list[str], noise: list[float], hacking: bool) -> list[Condition]:
+    """The study's conditions for these methods (see the module docstring)."""
+    from stages.methods import registry
+
+    out = [Condition("main", list(methods))]
+    offline = [m for m in methods if registry.get(m).kind == "offline"]
+    out += [Condition(f"noise-{f:g}", offline, {"pairs.flip_fraction": f}) for f in noise if offline and f > 0]
+    if hacking and "grpo" in methods:
+        out.append(Condition("rm-reward", ["grpo"], {"align.grpo.reward.reward_model": 1.0,
+                                                      "align.grpo.reward.verifier": 0.0}))
+    return out
+
+
+def save_experiment(ws: Path, name: str) -> None:
+    """The workspace as it stands (params, dvc.lock, metrics; outputs are in DVC's cache) as a DVC experiment."""
+    out = subprocess.run([sys.executable, "-m", "dvc", "exp", "save", "--force", "-n", name], cwd=ws,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"dvc exp save {name}: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
+
+
+@flow(name="alignpipe-study", log_prints=True)
+def study(workspace_dir: str, seeds: list[int], methods: list[str], noise: list[float], hacking: bool,
+          out_dir: str) -> str:
+    """Every condition on every seed through the pipeline flow (each a subflow run), then the report."""
+    logger = get_run_logger()
+    ws, out = Path(workspace_dir).resolve(), Path(out_dir).resolve()
+    base = (ws / "params.yaml").read_text()
+    plan = conditions(methods, noise, hacking)
+    t0 = time.perf_counter()
+    for seed in seeds:
+        for cond in plan:
+            (ws / "params.yaml").write_text(base)  # each run from the study's own params
+            t_run = time.perf_counter()
+            pipeline.pipeline(repo_dir=str(ws), methods=cond.methods, overrides={"seed": seed, **cond.overrides})
+            save_experiment(ws, f"study-{cond.name}-s{seed}")
+            dest = out / "runs" / cond.name / f"seed_{seed}"
+            shutil.rmtree(dest, ignore_errors=True)
+            for name in SNAPSHOT:
+                shutil.copytree(ws / name, dest / name)
+            logger.info(f"{cond.name}, seed {seed}: {time.perf_counter() - t_run:.0f} s")
+    (ws / "params.yaml").write_text(base)
+    report = study_report.write(out, seeds, [(c.name, c.methods) for c in plan], time.perf_counter() - t0)
+    create_markdown_artifact(key="study", markdown=report, description=f"Method comparison over seeds {seeds}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", nargs="+", type=int, help="default: study.seeds")
+    p.add_argument("--methods", nargs="+", help="default: study.methods")
+    p.add_argument("--noise", nargs="*", type=float,
+                   help="shares of flipped pairs (none: leave the noise condition out; default: study.noise)")
+    p.add_argument("--no-hacking", dest="hacking", action="store_false", default=None,
+                   help="leave out GRPO rewarded by the reward model (default: study.hacking)")
+    p.add_argument("--params", default=str(workspace.ROOT / "params.yaml"))
+    p.add_argument("--workspace", default=".study")
+    p.add_argument("--out", default="study")
+    args = p.parse_args(argv)
+    try:
+        cfg = params_edit.loads(Path(args.params).read_text(), args.params)  # a bad key: one line, before any work
+        chosen = {k: getattr(args, k) for k in ("seeds", "methods", "noise", "hacking") if getattr(args, k) is not None}
+        s = params_edit.loads(f"study: {json.dumps({**cfg.study.model_dump(), **chosen})}", "the options").study
+        ws = Path(args.workspace)
+        if ws.exists():
+            workspace.copy_code(ws, args.params)
+        else:
+            workspace.create(ws, args.params)
+        report = study(str(ws), s.seeds, s.methods, s.noise, s.hacking, args.out)
+    except params_edit.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a failed stage: Prefect has the full log; one line here
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        sys.exit(1)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""The study's report: the comparison table with 95% intervals over seeds, paired tests against SFT
+and between methods, the noisy-preference and reward-hacking experiments, the seeds' method-selection
+table with our measured values in its cells, plots, and a reading of what the numbers support.
+
+    write(out, seeds, plan, seconds) reads <out>/runs/<condition>/seed_<n>/{metrics,plots} (flows.study)
+    and writes <out>/report.md, study.json, study.csv, accuracy.png, compute.png, noise.png, hacking.png.
+
+Statistics: stages/core/stats.py (Student-t intervals; paired t-tests over seeds; Holm's correction).
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+
+from stages import compare
+from stages.core import io, stats
+
+ACC = "eval/accuracy"
+
+
+def load(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]]) -> dict:
+    """{condition: {seed: {policy: row}}}: compare's row (eval metrics, stability) plus the training
+    run's metrics (`train`) and plot rows (`curve`), and the pairs stage's metrics under "pairs"."""
+    runs: dict = {}
+    for cond, methods in plan:
+        for seed in seeds:
+            d = out / "runs" / cond / f"seed_{seed}"
+            rows = {r["policy"]: r for r in compare.collect(["sft", *methods], d / "metrics", d / "plots")}
+            for name, row in rows.items():
+                row["train"] = io.read_json(d / "metrics" / f"train_{name}.json")
+                with open(d / "plots" / f"train_{name}.csv") as fh:
+                    row["curve"] = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
+            rows["pairs"] = io.read_json(d / "metrics" / "pairs.json")
+            runs.setdefault(cond, {})[seed] = rows
+    return runs
+
+
+def per_seed(runs: dict, cond: str, policy: str, key: str, seeds: list[int]) -> list[float] | None:
+    values = [runs[cond][s][policy].get(key) for s in seeds]
+    return None if any(v is None for v in values) else [float(v) for v in values]
+
+
+def cell(e: stats.Estimate | None, fmt: str) -> str:
+    if e is None:
+        return "n/a"
+    return fmt.format(e.mean) if e.half is None else f"{fmt.format(e.mean)} ± {fmt.replace('+', '').format(e.half)}"
+
+
+def pts(d: stats.Difference) -> str:
+    e = d.estimate
+    ci = "" if e.half is None else f" (95% CI {100 * e.low:+.1f} to {100 * e.high:+.1f})"
+    return f"{100 * e.mean:+.1f} pts{ci}"
+
+
+def pvalue(d: stats.Difference) -> str:
+    return "n/a" if d.p is None else f"p = {d.p:.3g}, Holm {d.p_holm:.3g}"
+
+
+def main_table(runs: dict, seeds: list[int], policies: list[str]) -> tuple[str, dict]:
+    """The comparison table (mean ± 95% interval per cell) → (markdown, {policy: {key: Estimate}})."""
+    est = {p: {k: stats.estimate(v) if (v := per_seed(runs, "main", p, k, seeds)) else None
+               for k, _, _ in compare.COLUMNS} for p in policies}
+    lines = ["| policy | " + " | ".join(h for _, h, _ in compare.COLUMNS) + " |",
+             "|---|" + "---:|" * len(compare.COLUMNS)]
+    lines += [f"| {p} | " + " | ".join(cell(est[p][k], fmt) for k, _, fmt in compare.COLUMNS) + " |" for p in policies]
+    return "\n".join(lines) + "\n", est
+
+
+def tests(runs: dict, seeds: list[int], methods: list[str]) -> tuple[dict, dict]:
+    """Paired t-tests of accuracy over seeds: each method against SFT (Holm over the methods) and every
+    pair of methods (Holm over the pairs) → ({method: Difference}, {(a, b): Difference})."""
+    acc = {p: per_seed(runs, "main", p, ACC, seeds) for p in ["sft", *methods]}
+    vs_sft = {m: stats.paired(acc[m], acc["sft"]) for m in methods}
+    pairs = {(a, b): stats.paired(acc[a], acc[b]) for i, a in enumerate(methods) for b in methods[i + 1:]}
+    stats.holm(list(vs_sft.values()))
+    stats.holm(list(pairs.values()))
+    return vs_sft, pairs
+
+
+def noise_table(runs: dict, seeds: list[int], levels: list[tuple[float, str]]) -> tuple[str, dict]:
+    """Accuracy of each offline method against the share of flipped pairs, and its paired drop from 0."""
+    methods = sorted({m for f, c in levels if f > 0 for m in runs[c][seeds[0]] if m not in ("sft", "pairs")},
+                     key=lambda m: ["dpo", "ipo", "kto"].index(m) if m in ("dpo", "ipo", "kto") else 9)
+    header = "| method | " + " | ".join(f"{f:.0%} flipped" for f, _ in levels) + " | " + \
+        " | ".join(f"drop at {f:.0%}" for f, _ in levels if f > 0) + " |"
+    lines, out = [header, "|---|" + "---:|" * (2 * len(levels) - 1)], {}
+    for m in methods:
+        acc = {f: per_seed(runs, c, m, ACC, seeds) for f, c in levels}
+        drops = {f: stats.paired(acc[f], acc[0.0]) for f, _ in levels if f > 0}
+        out[m] = {"accuracy": {f: stats.estimate(v) for f, v in acc.items()}, "drop": drops}
+        accs = " | ".join(cell(out[m]["accuracy"][f], "{:.1%}") for f, _ in levels)
+        falls = " | ".join(f"{pts(d)}, p = {d.p:.3g}" if d.p is not None else pts(d) for d in drops.values())
+        lines.append(f"| {m} | {accs} | {falls} |")
+    return "\n".join(lines) + "\n", out
+
+
+def hacking_table(runs: dict, seeds: list[int]) -> tuple[str, dict]:
+    """GRPO rewarded by the verifier (main) and by the reward model (rm-reward): the rise over SFT of
+    the reward-model score and of accuracy on held-out prompts, and the training probe's fall from its
+    peak to its last reading (accuracy lost while the reward kept being optimised)."""
+    out = {}
+    for label, cond in (("verifier", "main"), ("reward model", "rm-reward")):
+        rm_rise = [runs[cond][s]["grpo"]["eval/reward_mean"] - runs[cond][s]["sft"]["eval/reward_mean"] for s in seeds]
+        acc_rise = [runs[cond][s]["grpo"][ACC] - runs[cond][s]["sft"][ACC] for s in seeds]
+        fall = []
+        for s in seeds:
+            probe = [r["probe/accuracy"] for r in runs[cond][s]["grpo"]["curve"] if "probe/accuracy" in r]
+            fall.append(max(probe) - probe[-1] if probe else 0.0)
+        out[label] = {"rm_rise": stats.estimate(rm_rise), "accuracy_rise": stats.estimate(acc_rise),
+                      "probe_fall": stats.estimate(fall)}
+    lines = ["| GRPO rewarded by | RM score rise over SFT (std units) | accuracy rise over SFT | "
+             "probe accuracy, peak − last |", "|---|---:|---:|---:|"]
+    for label, e in out.items():
+        lines.append(f"| {label} | {cell(e['rm_rise'], '{:+.3f}')} | {cell(e['accuracy_rise'], '{:+.1%}')} | "
+                     f"{cell(e['probe_fall'], '{:.1%}')} |")
+    return "\n".join(lines) + "\n", out
+
+
+def selection_table(runs: dict, seeds: list[int], methods: list[str], est: dict, noise: dict,
+                    hacking: dict | None) -> str:
+    """The seeds' method-selection rows, one column per method, our measured values in the cells."""
+    from stages.methods import registry
+
+    def seed_sd(m: str) -> str:
+        acc = per_seed(runs, "main", m, ACC, seeds)
+        return "n/a" if len(acc) < 2 else f"{100 * statistics.stdev(acc):.1f}"
+
+    def data(m: str) -> str:
+        r = runs["main"][seeds[0]][m]["train"]
+        if registry.get(m).kind == "offline":
+            return f"{r.get('train/examples', 0):.0f} stored {'KTO rows' if m == 'kto' else 'pairs'}"
+        return "prompts + reward (" + ("verifier" if m != "ppo" else "RM / verifier") + ")"
+
+    def per_step(m: str, key: str, fmt: str) -> str:  # the run's total over its steps (the last row's step)
+        vals = [runs["main"][s][m]["train"].get(key, 0.0) / runs["main"][s][m]["curve"][-1]["step"] for s in seeds]
+        return fmt.format(sum(vals) / len(vals))
+
+    rows = {
+        "Training complexity (models held · peak MB)": lambda m: f"{est[m]['cost/models_in_memory'].mean:.0f} · "
+                                                                 f"{est[m]['cost/peak_mem_mb'].mean:.0f}",
+        "Data requirements (what it consumed)": data,
+        "Training stability (seed-to-seed SD · within-run SD, pts)": lambda m: f"{seed_sd(m)} · "
+                                                                               f"{cell(est[m]['stability'], '{:.1f}')}",
+        "Performance (held-out accuracy)": lambda m: cell(est[m][ACC], "{:.1%}"),
+        "Compute per step (tokens generated · wall s)": lambda m: f"{per_step(m, 'cost/tokens_generated', '{:.0f}')} · "
+                                                                  f"{per_step(m, 'cost/wall_s', '{:.2f}')}",
+        "Sensitivity to noisy pairs (accuracy lost at the most noise)": lambda m: (
+            pts(list(noise[m]["drop"].values())[-1]) if m in noise and noise[m]["drop"] else "not measured (online)"),
+        "Reward hacking (RM rise · accuracy rise, GRPO by RM)": lambda m: (
+            f"{cell(hacking['reward model']['rm_rise'], '{:+.2f}')} · "
+            f"{cell(hacking['reward model']['accuracy_rise'], '{:+.1%}')}" if hacking and m == "grpo" else "—"),
+    }
+    lines = ["| criterion | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    lines += [f"| {name} | " + " | ".join(fn(m) for m in methods) + " |" for name, fn in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def reading(vs_sft: dict, pairs: dict, n: int) -> str:
+    """Sentences that say only what the tests support."""
+    out = []
+    for m, d in vs_sft.items():
+        verdict = ("better than SFT" if d.significant() and d.estimate.mean > 0 else
+                   "worse than SFT" if d.significant() else "not separated from SFT")
+        out.append(f"- **{m}**: {pts(d)} over SFT ({pvalue(d)}): {verdict}.")
+    ordered = [f"{a} > {b}" if d.estimate.mean > 0 else f"{b} > {a}" for (a, b), d in pairs.items() if d.significant()]
+    family = f"paired t over {n} seeds, Holm over {len(pairs)} pairs"
+    out.append(f"- Order of the methods ({family}): " + (", ".join(ordered) + "; no other pair is separated."
+                                                          if ordered else "no pair of methods is separated."))
+    return "\n".join(out) + "\n"
+
+
+def plots(out: Path, runs: dict, seeds: list[int], methods: list[str], est: dict, noise: dict,
+          hacking_conds: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stages.methods import registry
+
+    def save(fig, name):
+        fig.tight_layout()
+        with io.atomic_file(out / name, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=110)
+        plt.close(fig)
+
+    names = ["sft", *methods]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(names, [est[p][ACC].mean for p in names], yerr=[est[p][ACC].half or 0 for p in names], capsize=4,
+           color=["#888"] + ["#3a7"] * len(methods))
+    ax.set_ylabel(f"held-out accuracy (mean, 95% CI, {len(seeds)} seeds)")
+    save(fig, "accuracy.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for m in methods:
+        curves = [[r for r in runs["main"][s][m]["curve"] if "probe/accuracy" in r] for s in seeds]
+        k = min(len(c) for c in curves)
+        if not k:
+            continue
+        offset = sum(runs["main"][s]["pairs"].get("cost/tokens_generated", 0) for s in seeds) / len(seeds) \
+            if registry.get(m).kind == "offline" else 0.0  # offline: the pairs stage generated their data
+        for ax, key in zip(axes, ("cost/tokens_generated", "cost/wall_s")):
+            x = [sum(c[i].get(key, 0.0) for c in curves) / len(curves) + (offset if key.startswith("cost/tok") else 0)
+                 for i in range(k)]
+            ax.plot(x, [sum(c[i]["probe/accuracy"] for c in curves) / len(curves) for i in range(k)], marker="o",
+                    label=m)
+    axes[0].set_xlabel("tokens generated (offline methods: the pairs stage's)")
+    axes[1].set_xlabel("training wall time (s)")
+    for ax in axes:
+        ax.set_ylabel("probe accuracy (mean over seeds)")
+    axes[1].legend(fontsize=8)
+    save(fig, "compute.png")
+
+    if noise:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for m, e in noise.items():
+            fs = sorted(e["accuracy"])
+            ax.errorbar(fs, [e["accuracy"][f].mean for f in fs], yerr=[e["accuracy"][f].half or 0 for f in fs],
+                        marker="o", capsize=3, label=m)
+        ax.set_xlabel("share of pairs flipped")
+        ax.set_ylabel("held-out accuracy")
+        ax.legend()
+        save(fig, "noise.png")
+    if hacking_conds:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+        for label, cond in (("verifier", "main"), ("reward model", "rm-reward")):
+            curve = [r for r in runs[cond][seeds[0]]["grpo"]["curve"] if "rollout/reward_mean" in r]
+            axes[0].plot([r["step"] for r in curve], [r["rollout/reward_mean"] for r in curve], label=label)
+            probe = [r for r in runs[cond][seeds[0]]["grpo"]["curve"] if "probe/accuracy" in r]
+            axes[1].plot([r["step"] for r in probe], [r["probe/accuracy"] for r in probe], marker="o", label=label)
+        axes[0].set_ylabel("reward being optimised")
+        axes[1].set_ylabel("probe accuracy (verifier)")
+        for ax in axes:
+            ax.set_xlabel(f"GRPO step (seed {seeds[0]})")
+            ax.legend(title="rewarded by", fontsize=8)
+        save(fig, "hacking.png")
+
+
+def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], seconds: float) -> str:
+    """Read every run of the study, write the report and its files → the markdown."""
+    runs = load(out, seeds, plan)
+    methods = dict(plan)["main"]
+    table, est = main_table(runs, seeds, ["sft", *methods])
+    vs_sft, pairwise = tests(runs, seeds, methods)
+    levels = [(0.0, "main")] + [(float(c.split("-", 1)[1]), c) for c, _ in plan if c.startswith("noise-")]
+    noise_md, noise = noise_table(runs, seeds, levels) if len(levels) > 1 else ("", {})
+    hacking_md, hacking = hacking_table(runs, seeds) if "rm-reward" in runs else ("", None)
+    parts = [
+        f"# Method comparison over {len(seeds)} seeds ({', '.join(map(str, seeds))})\n",
+        "Each seed is a replicate of the whole chain (data draw, base model, SFT, reward model, pairs, "
+        "alignment). A cell is the mean over seeds ± the half-width of its 95% Student-t interval "
+        "(t(0.975, n−1)·s/√n). Differences are paired by seed (the methods of a seed share everything "
+        "upstream) and tested with a two-sided paired t-test, Holm-corrected over each family of tests. "
+        f"The study took {seconds / 60:.0f} min.\n",
+        table, "## What the numbers support\n", reading(vs_sft, pairwise, len(seeds)),
+        "## The method-selection table, measured\n", selection_table(runs, seeds, methods, est, noise, hacking),
+    ]
+    if noise_md:
+        parts += ["## Noisy preferences: accuracy against the share of flipped pairs\n", noise_md]
+    if hacking_md:
+        parts += ["## Reward hacking: GRPO rewarded by the reward model or by the verifier\n", hacking_md]
+    md = "\n".join(parts)
+    plots(out, runs, seeds, methods, est, noise, hacking is not None)
+    with io.atomic_file(out / "report.md") as fh:
+        fh.write(md)
+    io.write_json(out / "study.json", {
+        "seeds": seeds, "conditions": {c: m for c, m in plan},
+        "per_seed": {c: {str(s): {p: {k: v for k, v in r.items() if k not in ("curve", "train")}
+                                  for p, r in runs[c][s].items() if p != "pairs"} for s in seeds} for c in runs},
+        "vs_sft": {m: _diff(d) for m, d in vs_sft.items()},
+        "pairwise": {f"{a} - {b}": _diff(d) for (a, b), d in pairwise.items()},
+    })
+    io.write_csv(out / "study.csv", [{"condition": c, "seed": s, "policy": p, "metric": k, "value": v}
+                                     for c in runs for s in seeds for p, r in runs[c][s].items() if p != "pairs"
+                                     for k, v in r.items() if isinstance(v, (int, float)) and k != "curve"])
+    return md
+
+
+def _diff(d: stats.Difference) -> dict:
+    e = d.estimate
+    return {"mean": e.mean, "low": e.low, "high": e.high, "n": e.n, "p": d.p, "p_holm": d.p_holm,
+            "significant": d.significant()}
+

@@ -1,0 +1,96 @@
+"""`make study`: the report's statistics on runs whose numbers are known, and a real study (Prefect flow →
+DVC stages per condition and seed → DVC experiments → report) on the smoke profile."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flows import study_report
+from tests import helpers
+
+SEEDS = [0, 1, 2]
+ACCURACY = {  # per seed: grpo far and steadily above SFT, dpo up, down, up (not separated)
+    "sft": [0.50, 0.60, 0.55], "dpo": [0.58, 0.55, 0.62], "grpo": [0.80, 0.92, 0.86]}
+
+
+def fake_run(d, seed: int, accuracy: dict, reward: dict | None = None) -> None:
+    (d / "metrics").mkdir(parents=True)
+    (d / "plots").mkdir()
+    for policy, acc in accuracy.items():
+        ev = {"eval/accuracy": acc[seed], "eval/reward_mean": (reward or {}).get(policy, [0.0] * 3)[seed],
+              "eval/win_rate_vs_sft": 0.5, "eval/kl_to_ref": 0.1, "eval/length": 3.0, "cost/models_in_memory": 1,
+              "cost/peak_mem_mb": 500, "cost/wall_s": 60, "cost/tokens_generated": 0}
+        (d / "metrics" / f"eval_{policy}.json").write_text(json.dumps(ev))
+        (d / "metrics" / f"train_{policy}.json").write_text(json.dumps({"train/examples": 100, "cost/wall_s": 60}))
+        with open(d / "plots" / f"train_{policy}.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, ["step", "probe/accuracy", "rollout/reward_mean", "cost/wall_s"])
+            w.writeheader()
+            for step, a in ((5, acc[seed] - 0.1), (10, acc[seed])):
+                w.writerow({"step": step, "probe/accuracy": a, "rollout/reward_mean": a, "cost/wall_s": 6 * step})
+    (d / "metrics" / "pairs.json").write_text(json.dumps({"cost/tokens_generated": 1000}))
+
+
+def test_the_report_states_what_the_seeds_support(tmp_path):
+    """grpo − sft = [+0.30, +0.32, +0.31]: mean +31.0 pts, s = 1.0 pt, t = 31.0 / (1.0/√3) = 53.7 on 2 dof,
+    p = 1 − 53.7/√(53.7² + 2) = 3.5e-4 → Holm (×2) 6.9e-4: better than SFT. dpo − sft = [+8, −5, +7] pts:
+    mean +3.33, s = 7.23, t = 0.80, p = 0.51: not separated. The accuracy cell of grpo is its mean 86.0%
+    ± 4.303 · 6.0 / √3 = 14.9 pts."""
+    for seed in SEEDS:
+        fake_run(tmp_path / "runs" / "main" / f"seed_{seed}", seed, ACCURACY,
+                 reward={"sft": [0.0] * 3, "grpo": [0.5, 0.6, 0.4], "dpo": [0.1] * 3})
+        noisy = {**ACCURACY, "dpo": [a - 0.10 for a in ACCURACY["dpo"]]}
+        fake_run(tmp_path / "runs" / "noise-0.4" / f"seed_{seed}", seed, {k: noisy[k] for k in ("sft", "dpo")})
+        hacked = {"sft": ACCURACY["sft"], "grpo": [0.52, 0.61, 0.55]}
+        fake_run(tmp_path / "runs" / "rm-reward" / f"seed_{seed}", seed, hacked,
+                 reward={"sft": [0.0] * 3, "grpo": [1.5, 1.7, 1.6]})
+    plan = [("main", ["dpo", "grpo"]), ("noise-0.4", ["dpo"]), ("rm-reward", ["grpo"])]
+    md = study_report.write(tmp_path, SEEDS, plan, 60.0)
+
+    assert "| grpo | 86.0% ± 14.9% |" in md
+    assert "**grpo**: +31.0 pts" in md and "better than SFT" in md.split("**grpo**")[1].splitlines()[0]
+    assert "**dpo**: +3.3 pts" in md and "not separated from SFT" in md.split("**dpo**")[1].splitlines()[0]
+    assert "grpo > dpo" in md  # [+22, +37, +24]: t = 7.8, p = 0.016 (one pair: no Holm factor)
+    out = json.loads((tmp_path / "study.json").read_text())
+    assert out["vs_sft"]["grpo"]["p"] == pytest.approx(1 - 53.69358 / (53.69358 ** 2 + 2) ** 0.5, rel=1e-3)
+    assert out["vs_sft"]["grpo"]["p_holm"] == pytest.approx(2 * out["vs_sft"]["grpo"]["p"])
+    assert out["vs_sft"]["dpo"]["p"] == pytest.approx(0.5086, abs=1e-3) and not out["vs_sft"]["dpo"]["significant"]
+    assert out["per_seed"]["main"]["1"]["grpo"]["eval/accuracy"] == 0.92
+    noise = md.split("## Noisy preferences")[1]
+    assert "| dpo | 58.3% ±" in noise and "-10.0 pts" in noise  # the same 10 points lost on every seed
+    hacking = md.split("## Reward hacking")[1]
+    assert "| reward model | +1.600 ± 0.248 | +1.0% ±" in hacking  # the RM score soared, accuracy did not
+    for name in ("accuracy.png", "compute.png", "noise.png", "hacking.png", "study.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.integration
+def test_a_study_runs_every_condition_on_every_seed_and_reruns_nothing(tmp_path):
+    """The real thing on the smoke profile: 2 seeds × (main, noise-0.4, rm-reward), each a pipeline flow run
+    through DVC and a saved DVC experiment; the report's per-seed values are the runs' own metrics; a second
+    study over a seed already run trains nothing (every stage restored or up to date)."""
+    args = [sys.executable, "-m", "flows.study", "--params", str(helpers.SMOKE), "--methods", "dpo", "grpo",
+            "--noise", "0.4", "--workspace", str(tmp_path / "ws"), "--out", str(tmp_path / "study")]
+    helpers.run([*args, "--seeds", "0", "1"], cwd=tmp_path, timeout=1200)
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname:lstrip=-1)", "refs/exps"], cwd=tmp_path / "ws",
+                          capture_output=True, text=True).stdout.split()
+    assert {f"study-{c}-s{s}" for c in ("main", "noise-0.4", "rm-reward") for s in (0, 1)} <= set(refs)
+    out = json.loads((tmp_path / "study" / "study.json").read_text())
+    for cond, seed, policy in (("main", 1, "dpo"), ("noise-0.4", 0, "dpo"), ("rm-reward", 1, "grpo")):
+        ev = json.loads((tmp_path / "study" / "runs" / cond / f"seed_{seed}" / "metrics" / f"eval_{policy}.json")
+                        .read_text())
+        assert out["per_seed"][cond][str(seed)][policy]["eval/reward_mean"] == ev["eval/reward_mean"]
+    main = out["per_seed"]["main"]
+    assert main["0"]["sft"]["eval/reward_mean"] != main["1"]["sft"]["eval/reward_mean"]  # seeds are replicates
+    runs = tmp_path / "study" / "runs"
+    assert json.loads((runs / "noise-0.4" / "seed_0" / "metrics" / "pairs.json").read_text())["pairs/flipped"] > 0
+    assert json.loads((runs / "main" / "seed_0" / "metrics" / "pairs.json").read_text())["pairs/flipped"] == 0
+    assert (tmp_path / "study" / "report.md").read_text().startswith("# Method comparison over 2 seeds (0, 1)")
+
+    again = helpers.run([*args, "--seeds", "1", "--noise", "--no-hacking"], cwd=tmp_path, timeout=600)
+    summary = [line for line in (again.stdout + again.stderr).splitlines() if line.startswith("- ")]
+    assert any(line.startswith("- align@grpo: ") for line in summary)  # the flow's per-stage summary
+    ran = {line[2:].split(":")[0] for line in summary if ": ran (" in line}
+    assert ran == {"check"}  # check runs on every repro by design; every other stage restored or up to date
