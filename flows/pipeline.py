@@ -105,10 +105,12 @@ def run_stage(repo: str, stage: str, env: dict) -> dict:
 
 
 @flow(name="alignpipe", log_prints=True)
-def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: dict | None = None) -> str:
+def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: dict | None = None,
+             tags: dict | None = None) -> str:
     """Run the pipeline in `repo_dir` (a DVC repo of this project) and return the comparison table.
 
-    methods: replaces align.methods; overrides: {"dotted.key": value}, e.g. {"align.dpo.beta": 0.05}.
+    methods: replaces align.methods; overrides: {"dotted.key": value}, e.g. {"align.dpo.beta": 0.05};
+    tags: set on the MLflow parent run (a study's condition and seed).
     Both are validated against the params schema and written to params.yaml before anything runs,
     as `dvc exp run -S` would: the params file is the record of what the run used.
     """
@@ -125,7 +127,7 @@ def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: d
 
     flow_run = _flow_run_id()
     parent = tracking.start_parent(f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                   {"entry": "prefect", "prefect.flow_run_id": flow_run}, root=repo)
+                                   {"entry": "prefect", "prefect.flow_run_id": flow_run, **(tags or {})}, root=repo)
     # DVC runs stages as `python -m stages.<name>`: this interpreter's environment must come first.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path, "ALIGNPIPE_PARENT_RUN_ID": parent}

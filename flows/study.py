@@ -89,7 +89,8 @@ def study(workspace_dir: str, seeds: list[int], methods: list[str], noise: list[
         for cond in plan:
             (ws / "params.yaml").write_text(base)  # each run from the study's own params
             t_run = time.perf_counter()
-            pipeline.pipeline(repo_dir=str(ws), methods=cond.methods, overrides={"seed": seed, **cond.overrides})
+            pipeline.pipeline(repo_dir=str(ws), methods=cond.methods, overrides={"seed": seed, **cond.overrides},
+                              tags={"study.condition": cond.name, "study.seed": str(seed)})
             save_experiment(ws, f"study-{cond.name}-s{seed}")
             dest = out / "runs" / cond.name / f"seed_{seed}"
             shutil.rmtree(dest, ignore_errors=True)
@@ -99,7 +100,21 @@ def study(workspace_dir: str, seeds: list[int], methods: list[str], noise: list[
     (ws / "params.yaml").write_text(base)
     report = study_report.write(out, seeds, [(c.name, c.methods) for c in plan], time.perf_counter() - t0)
     create_markdown_artifact(key="study", markdown=report, description=f"Method comparison over seeds {seeds}")
+    log_study(ws, out, seeds)
     return report
+
+
+def log_study(ws: Path, out: Path, seeds: list[int]) -> None:
+    """The study as an MLflow run beside its pipeline runs (tagged study.condition / study.seed): the
+    report, plots and per-seed values as its artifacts."""
+    from stages.core import tracking
+
+    client, _ = tracking.client_and_experiment(ws)
+    run = tracking.start_parent(f"study, seeds {' '.join(map(str, seeds))}",
+                                {"alignpipe.kind": "study", "prefect.flow_run_id": pipeline._flow_run_id()}, root=ws)
+    for path in [out / "report.md", out / "study.json", out / "study.csv", *sorted(out.glob("*.png"))]:
+        client.log_artifact(run, str(path))
+    tracking.end_run(run, root=ws)
 
 
 def main(argv: list[str] | None = None) -> None:
