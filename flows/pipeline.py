@@ -1,6 +1,8 @@
 """The pipeline as a Prefect flow: every DVC stage is a task run, and every task runs its stage
 through DVC (`dvc repro --single-item`), so a flow run and `dvc repro` share one cache and one
 dvc.lock, and a stage that is up to date is skipped (or restored from DVC's run-cache) either way.
+Each task waits for the tasks of the stages whose outputs it reads, so the flow run's graph in the
+Prefect UI is DVC's pipeline graph.
 
     python -m flows.pipeline                        # the whole pipeline in this repo
     python -m flows.pipeline --methods dpo kto      # choose methods (written to params.yaml)
@@ -21,13 +23,14 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows import params as params_edit
 
 
-def stage_order(repo: Path) -> list[str]:
-    """The repo's DVC stages (matrix items expanded) with every stage after the stages it needs."""
+def stage_order(repo: Path) -> list[tuple[str, list[str]]]:
+    """The repo's DVC stages (matrix items expanded), every stage after the stages it needs → (stage,
+    the stages whose outputs it reads)."""
     import networkx as nx
     from dvc.repo import Repo
 
@@ -35,7 +38,7 @@ def stage_order(repo: Path) -> list[str]:
         graph = r.index.graph  # edges point from a stage to the stages it depends on
         names = {s: s.name for s in graph.nodes}
         order = nx.lexicographical_topological_sort(graph.reverse(copy=True), key=lambda s: names[s])
-        return [names[s] for s in order]
+        return [(names[s], sorted(names[d] for d in graph.successors(s))) for s in order]
 
 
 def recover_dvc_lock(repo: Path) -> bool:
@@ -127,15 +130,21 @@ def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: d
 
     flow_run = _flow_run_id()
     parent = tracking.start_parent(f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                   {"entry": "prefect", "prefect.flow_run_id": flow_run, **(tags or {})}, root=repo)
+                                   {"entry": "prefect", "prefect.flow_run_id": flow_run, **_prefect_link(flow_run),
+                                    **(tags or {})}, root=repo)
+    client, exp_id = tracking.client_and_experiment(repo)
+    mlflow_ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
+    create_link_artifact(f"{mlflow_ui}/#/experiments/{exp_id}/runs/{parent}", link_text="this run in MLflow",
+                         key="mlflow-run", description="The MLflow parent run of this flow run (its stages nested)")
     # DVC runs stages as `python -m stages.<name>`: this interpreter's environment must come first.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path, "ALIGNPIPE_PARENT_RUN_ID": parent}
     env.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(repo))
-    results = []
+    results, states = [], {}
     try:
-        for stage in stage_order(repo):
-            results.append(run_stage(str(repo), stage, env))
+        for stage, needs in stage_order(repo):  # wait_for: the UI draws DVC's graph
+            states[stage] = run_stage(str(repo), stage, env, wait_for=[states[n] for n in needs], return_state=True)
+            results.append(states[stage].result())  # raises if the stage failed
     except BaseException:
         tracking.end_run(parent, "FAILED", root=repo)
         raise
@@ -144,12 +153,19 @@ def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: d
     summary = "\n".join(f"- {r['stage']}: {r['status']} ({r['seconds']} s)" for r in results)
     create_markdown_artifact(key="comparison", markdown=f"{table}\n\n## Stages\n{summary}\n",
                              description="Method comparison on held-out prompts (reports/comparison.md)")
-    client, _ = tracking.client_and_experiment(repo)
     for name in ("comparison.md", "comparison.png", "comparison.json"):
         client.log_artifact(parent, str(repo / "reports" / name))
     tracking.end_run(parent, root=repo)
     print(f"stages:\n{summary}")
     return table
+
+
+def _prefect_link(flow_run: str) -> dict:
+    """The flow run's page in the Prefect UI, as a tag for the MLflow parent run (when the UI's address is known)."""
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value()
+    return {"prefect.flow_run_url": f"{ui.rstrip('/')}/runs/flow-run/{flow_run}"} if ui and flow_run else {}
 
 
 def _flow_run_id() -> str:

@@ -79,18 +79,26 @@ def save_experiment(ws: Path, name: str) -> None:
 @flow(name="alignpipe-study", log_prints=True)
 def study(workspace_dir: str, seeds: list[int], methods: list[str], noise: list[float], hacking: bool,
           out_dir: str) -> str:
-    """Every condition on every seed through the pipeline flow (each a subflow run), then the report."""
+    """Every condition on every seed through the pipeline flow (each a subflow run), then the report over
+    the seeds whose runs all completed. A run that fails (a stage's gate, say a reward model below
+    reward.min_accuracy) does not stop the others: the report names it, and the flow then fails."""
     logger = get_run_logger()
     ws, out = Path(workspace_dir).resolve(), Path(out_dir).resolve()
     base = (ws / "params.yaml").read_text()
     plan = conditions(methods, noise, hacking)
     t0 = time.perf_counter()
+    failed: dict[int, str] = {}
     for seed in seeds:
         for cond in plan:
             (ws / "params.yaml").write_text(base)  # each run from the study's own params
             t_run = time.perf_counter()
-            pipeline.pipeline(repo_dir=str(ws), methods=cond.methods, overrides={"seed": seed, **cond.overrides},
-                              tags={"study.condition": cond.name, "study.seed": str(seed)})
+            try:
+                pipeline.pipeline(repo_dir=str(ws), methods=cond.methods, overrides={"seed": seed, **cond.overrides},
+                                  tags={"study.condition": cond.name, "study.seed": str(seed)})
+            except Exception as e:  # the other conditions of this seed would be incomplete: the seed is out
+                failed[seed] = f"{cond.name}: {str(e).splitlines()[0]}"
+                logger.error(f"seed {seed} left out of the report: {failed[seed]}")
+                break
             save_experiment(ws, f"study-{cond.name}-s{seed}")
             dest = out / "runs" / cond.name / f"seed_{seed}"
             shutil.rmtree(dest, ignore_errors=True)
@@ -98,10 +106,21 @@ def study(workspace_dir: str, seeds: list[int], methods: list[str], noise: list[
                 shutil.copytree(ws / name, dest / name)
             logger.info(f"{cond.name}, seed {seed}: {time.perf_counter() - t_run:.0f} s")
     (ws / "params.yaml").write_text(base)
-    report = study_report.write(out, seeds, [(c.name, c.methods) for c in plan], time.perf_counter() - t0)
-    create_markdown_artifact(key="study", markdown=report, description=f"Method comparison over seeds {seeds}")
-    log_study(ws, out, seeds)
+    complete = [s for s in seeds if s not in failed]
+    if not complete:
+        raise RuntimeError(f"every seed failed, e.g. seed {seeds[0]}: {failed[seeds[0]]}")
+    report = study_report.write(out, complete, [(c.name, c.methods) for c in plan], time.perf_counter() - t0, failed)
+    create_markdown_artifact(key="study", markdown=report, description=f"Method comparison over seeds {complete}")
+    log_study(ws, out, complete)
+    if failed:
+        first = min(failed)
+        raise StudyIncomplete(f"{len(failed)} of {len(seeds)} seeds failed (seed {first}: {failed[first]}); the report "
+                              f"covers seeds {', '.join(map(str, complete))}: {out / 'report.md'}")
     return report
+
+
+class StudyIncomplete(RuntimeError):
+    """Some seeds failed; the report over the others is written."""
 
 
 def log_study(ws: Path, out: Path, seeds: list[int]) -> None:

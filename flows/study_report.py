@@ -238,8 +238,10 @@ def plots(out: Path, runs: dict, seeds: list[int], methods: list[str], est: dict
         save(fig, "hacking.png")
 
 
-def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], seconds: float) -> str:
-    """Read every run of the study, write the report and its files → the markdown."""
+def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], seconds: float,
+          failed: dict[int, str] | None = None) -> str:
+    """Read every run of the study's complete `seeds`, write the report and its files → the markdown.
+    failed: seeds left out → why (the report says so: what survives a gate is not a random sample)."""
     runs = load(out, seeds, plan)
     methods = dict(plan)["main"]
     table, est = main_table(runs, seeds, ["sft", *methods])
@@ -254,6 +256,9 @@ def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], second
         "(t(0.975, n−1)·s/√n). Differences are paired by seed (the methods of a seed share everything "
         "upstream) and tested with a two-sided paired t-test, Holm-corrected over each family of tests. "
         f"The study took {seconds / 60:.0f} min.\n",
+        *([f"**Seeds left out** ({len(failed)} of {len(failed) + len(seeds)}): " + "; ".join(
+            f"seed {s}, {why}" for s, why in sorted(failed.items())) + ". Every figure below is over the other "
+            "seeds only, so it describes the runs that passed every gate, not every run.\n"] if failed else []),
         table, "## What the numbers support\n", reading(vs_sft, pairwise, len(seeds)),
         "## The method-selection table, measured\n", selection_table(runs, seeds, methods, est, noise, hacking),
     ]
@@ -266,7 +271,8 @@ def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], second
     with io.atomic_file(out / "report.md") as fh:
         fh.write(md)
     io.write_json(out / "study.json", {
-        "seeds": seeds, "conditions": {c: m for c, m in plan},
+        "seeds": seeds, "failed": {str(s): why for s, why in (failed or {}).items()},
+        "conditions": {c: m for c, m in plan},
         "per_seed": {c: {str(s): {p: {k: v for k, v in r.items() if k not in ("curve", "train")}
                                   for p, r in runs[c][s].items() if p != "pairs"} for s in seeds} for c in runs},
         "vs_sft": {m: _diff(d) for m, d in vs_sft.items()},

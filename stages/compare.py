@@ -104,6 +104,10 @@ def main(argv=None) -> str:
         for name in ("comparison.md", "comparison.png", "comparison.csv", "comparison.json"):
             tr.log_artifact(out / name)
         tr.log_metrics({f"{r['policy']}/{k}": r[k] for r in table for k, _, _ in COLUMNS if r.get(k) is not None})
+        for r in table:  # one row per method in MLflow: its params, evaluation and cost
+            section = cfg.sft if r["policy"] == "sft" else cfg.align.method(r["policy"])
+            tr.summary(r["policy"], {"seed": cfg.seed, **section.model_dump()},
+                       {k: r[k] for k, _, _ in COLUMNS if r.get(k) is not None})
     print(md, end="")
     return f"compare: {len(table)} policies ({', '.join(names)}) → {out}/comparison.md, comparison.png"
 

@@ -25,6 +25,10 @@ def win_rate(scores: list[float], baseline: list[float]) -> float:
     return sum(wins) / len(wins)
 
 
+SAMPLES_LOGGED = 100
+"""Greedy replies shown as the evaluate run's MLflow table (all of them are in --answers)."""
+
+
 def main(argv=None) -> str:
     p = stage.parser(__doc__, "--eval", "--policy", "--ref", "--reward", "--train-metrics", "--out", "--answers")
     p.add_argument("name", help="sft, or an alignment method")
@@ -75,6 +79,7 @@ def main(argv=None) -> str:
             io.write_jsonl(args.answers, answers)
             io.write_json(args.out, {k: v for k, v in metrics.items() if v is not None})
         tr.log_metrics({k: v for k, v in metrics.items() if v is not None})
+        tr.log_table(answers[:SAMPLES_LOGGED], "samples.json")
     return (f"evaluate@{args.name}: accuracy {metrics['eval/accuracy']:.3f}, reward {metrics['eval/reward_mean']:.3f}, "
             f"win rate vs sft {win:.3f}, KL {kl:.3f} on {len(rows)} held-out prompts")
 

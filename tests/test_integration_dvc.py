@@ -3,7 +3,9 @@ store: staleness is exactly what it should be, a no-op is fast, reverting a para
 from the run-cache, and MLflow holds one parent run per repro with the stages nested under it."""
 
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -119,6 +121,22 @@ def test_mlflow_has_a_parent_per_repro_with_nested_stage_runs(ws):
         assert key in align.data.metrics, key
     artifacts = [a.path for a in client.list_artifacts(by_name["compare"].info.run_id)]
     assert {"comparison.md", "comparison.png"} <= set(artifacts)
+
+    # One comparison in one view: the experiment opens as model training; every run names its method; a
+    # summary run per policy holds the method's params with its evaluation and cost; replies as a table.
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert all(r.data.tags.get("method") for r in children)
+    assert sft.data.tags["method"] == "sft"
+    summaries = {r.data.tags["method"]: r for r in runs if r.data.tags.get("alignpipe.kind") == "summary"
+                 and r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
+    assert set(summaries) == {"sft", "dpo"}
+    dpo = summaries["dpo"]
+    assert dpo.data.params["beta"] == "0.1" and {"eval/accuracy", "cost/wall_s"} <= set(dpo.data.metrics)
+    evals = json.loads((d / "metrics" / "eval_dpo.json").read_text())
+    assert dpo.data.metrics["eval/reward_mean"] == pytest.approx(evals["eval/reward_mean"])
+    samples = client.download_artifacts(by_name["evaluate@dpo"].info.run_id, "samples.json", tempfile.mkdtemp())
+    table = json.loads(Path(samples).read_text())
+    assert {"prompt", "completion", "correct", "reward_model"} <= set(table["columns"]) and table["data"]
 
 
 def test_a_code_change_reruns_only_the_stages_that_run_that_code(ws):

@@ -126,6 +126,11 @@ def test_work_pool_worker_runs_the_pipeline_to_completed(server, ws):
     assert all(t.state.is_completed() for t in tasks.values())
     table = arts["comparison"].data
     assert "| sft |" in table and "| dpo |" in table and "prepare: ran" in table
+    # The UI's graph is DVC's: a task waits for the tasks of the stages whose outputs it reads.
+    waits = {name: {i.id for i in t.task_inputs.get("wait_for", [])} for name, t in tasks.items()}
+    assert waits["align@dpo"] == {tasks[s].id for s in ("pairs", "sft", "reward")}
+    assert waits["prepare"] == {tasks["check"].id} and waits["check"] == set()
+    assert "/#/experiments/" in arts["mlflow-run"].data  # the link to the MLflow parent run
 
 
 def test_served_deployment_takes_parameters(server, ws):
@@ -160,7 +165,8 @@ def test_mlflow_parent_run_per_flow_run(server):
     parents = [r for r in runs if r.data.tags.get("entry") == "prefect"]
     assert len(parents) == 2  # the failed run stopped before MLflow
     assert all(r.data.tags.get("prefect.flow_run_id") for r in parents)
-    nested = [{r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
+    stages = [r for r in runs if r.data.tags.get("alignpipe.kind") == "stage"]
+    nested = [{r.info.run_name for r in stages if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
               for p in sorted(parents, key=lambda r: r.info.start_time)]
     assert nested[0] == {"prepare", "sft", "reward", "pairs", "align@dpo", "evaluate@sft", "evaluate@dpo", "compare"}
     assert nested[1] == {"align@dpo", "evaluate@dpo", "compare"}  # what the override made stale

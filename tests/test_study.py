@@ -47,9 +47,10 @@ def test_the_report_states_what_the_seeds_support(tmp_path):
         fake_run(tmp_path / "runs" / "rm-reward" / f"seed_{seed}", seed, hacked,
                  reward={"sft": [0.0] * 3, "grpo": [1.5, 1.7, 1.6]})
     plan = [("main", ["dpo", "grpo"]), ("noise-0.4", ["dpo"]), ("rm-reward", ["grpo"])]
-    md = study_report.write(tmp_path, SEEDS, plan, 60.0)
+    md = study_report.write(tmp_path, SEEDS, plan, 60.0, failed={3: "main: stage reward failed: below the gate"})
 
     assert "| grpo | 86.0% ± 14.9% |" in md
+    assert "**Seeds left out** (1 of 4): seed 3, main: stage reward failed: below the gate." in md
     assert "**grpo**: +31.0 pts" in md and "better than SFT" in md.split("**grpo**")[1].splitlines()[0]
     assert "**dpo**: +3.3 pts" in md and "not separated from SFT" in md.split("**dpo**")[1].splitlines()[0]
     assert "grpo > dpo" in md  # [+22, +37, +24]: t = 7.8, p = 0.016 (one pair: no Holm factor)

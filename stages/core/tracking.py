@@ -4,8 +4,12 @@ A stage's run is owned by a small worker process that the stage starts and feeds
 call: importing mlflow (~2.5 s here) overlaps the stage's own start-up on the other core, and no log
 call ever blocks a training step (against a remote tracking server each one is an HTTP request).
 
-A pipeline run is one parent run; each stage is a nested run tagged with its stage, method, git
-commit and the DVC hashes of its deps. The parent is:
+A pipeline run is one parent run; each stage is a nested run tagged with its stage, method (the stage's
+name where it has no method: every run has one), git commit and the DVC hashes of its deps. compare adds
+one summary run per policy (tag alignpipe.kind = summary): the method's params, its evaluation and its
+cost in one row, so the runs table filtered to summaries compares the methods at a glance. evaluate
+logs its greedy replies as an MLflow table (samples.json). The experiment is tagged as model training
+(mlflow.experimentKind), so the UI opens on its runs, not on GenAI traces. The parent is:
   - ALIGNPIPE_PARENT_RUN_ID when set (the Prefect flow sets it), else
   - the run of the `dvc repro` process this stage runs under (created by its first stage), else
   - none: a stage run by hand is a top-level run.
@@ -41,6 +45,8 @@ class NullTracker:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
+    def log_table(self, rows: list[dict], name: str) -> None: ...
+    def summary(self, name: str, params: dict, metrics: dict) -> None: ...
 
 
 class MlflowTracker:
@@ -69,6 +75,22 @@ class MlflowTracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
+    def log_table(self, rows: list[dict], name: str) -> None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        self.client.log_table(self.run_id, {c: [r.get(c) for r in rows] for c in columns}, name)
+
+    def summary(self, name: str, params: dict, metrics: dict) -> None:
+        """A run beside this one (the same parent) holding one policy's params, evaluation and cost."""
+        run = self.client.get_run(self.run_id)
+        parent = run.data.tags.get("mlflow.parentRunId")
+        tags = {"alignpipe.kind": "summary", "method": name, "stage": "compare", "git_commit": git_commit(),
+                **({"mlflow.parentRunId": parent} if parent else {})}
+        other = MlflowTracker(self.client, self.client.create_run(run.info.experiment_id, run_name=f"summary@{name}",
+                                                                  tags=tags).info.run_id)
+        other.log_params(params)
+        other.log_metrics(metrics)
+        self.client.set_terminated(other.run_id, "FINISHED")
+
 
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -90,8 +112,18 @@ def client_and_experiment(root: str | Path | None = None):
     logging.getLogger("alembic").setLevel(logging.WARNING)
     client = MlflowClient(tracking_uri(root))
     exp = client.get_experiment_by_name(EXPERIMENT)
-    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT, tags=EXPERIMENT_TAGS)
+    if exp and any(exp.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
+        for k, v in EXPERIMENT_TAGS.items():
+            client.set_experiment_tag(exp_id, k, v)
     return client, exp_id
+
+
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",  # the UI's model-training view, not GenAI traces
+    "mlflow.note.content": "alignpipe: one parent run per pipeline run, a nested run per stage; filter "
+                           "`tags.alignpipe.kind = 'summary'` for one row per method (params, evaluation, cost).",
+}
 
 
 def start_parent(name: str, tags: dict | None = None, root: str | Path | None = None) -> str:
@@ -134,6 +166,15 @@ class BackgroundTracker:
 
     def set_tags(self, tags: dict) -> None:
         self._send("tags", tags=tags)
+
+    def log_table(self, rows: list[dict], name: str) -> None:
+        """rows as an MLflow table artifact `name` (.json), shown in the UI's evaluation view."""
+        self._send("table", rows=rows, name=name)
+
+    def summary(self, name: str, params: dict, metrics: dict) -> None:
+        """A summary run for policy `name` beside this stage's run: its params, evaluation and cost."""
+        self._send("summary", name=name, params=flatten(params),
+                   metrics={k: float(v) for k, v in metrics.items() if v is not None})
 
     def close(self, status: str) -> None:
         self._send("end", status=status)
@@ -190,7 +231,7 @@ def stage_run(stage: str, method: str | None = None, params: dict | None = None,
 
 
 def _start(client, exp_id: str, stage: str, method: str, deps: list[str], parent: str | None) -> MlflowTracker:
-    tags = {"stage": stage, "method": method, "git_commit": git_commit(), "alignpipe.kind": "stage"}
+    tags = {"stage": stage, "method": method or stage, "git_commit": git_commit(), "alignpipe.kind": "stage"}
     tags.update({f"dvc.dep.{d}": dvc_hash(d) for d in deps})
     parent = parent or _dvc_session_parent(client, exp_id)
     if parent:
@@ -204,6 +245,8 @@ OPS = {
     "metrics": lambda tr, m: tr.log_metrics(m["metrics"], m["step"]),
     "artifact": lambda tr, m: tr.log_artifact(m["path"], m["artifact_path"]),
     "tags": lambda tr, m: tr.set_tags(m["tags"]),
+    "table": lambda tr, m: tr.log_table(m["rows"], m["name"]),
+    "summary": lambda tr, m: tr.summary(m["name"], m["params"], m["metrics"]),
 }
 
 
