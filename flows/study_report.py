@@ -84,7 +84,7 @@ def noise_table(runs: dict, seeds: list[int], levels: list[tuple[float, str]]) -
     methods = sorted({m for f, c in levels if f > 0 for m in runs[c][seeds[0]] if m not in ("sft", "pairs")},
                      key=lambda m: ["dpo", "ipo", "kto"].index(m) if m in ("dpo", "ipo", "kto") else 9)
     header = "| method | " + " | ".join(f"{f:.0%} flipped" for f, _ in levels) + " | " + \
-        " | ".join(f"drop at {f:.0%}" for f, _ in levels if f > 0) + " |"
+        " | ".join(f"change at {f:.0%}" for f, _ in levels if f > 0) + " |"
     lines, out = [header, "|---|" + "---:|" * (2 * len(levels) - 1)], {}
     for m in methods:
         acc = {f: per_seed(runs, c, m, ACC, seeds) for f, c in levels}
@@ -146,7 +146,7 @@ def selection_table(runs: dict, seeds: list[int], methods: list[str], est: dict,
         "Performance (held-out accuracy)": lambda m: cell(est[m][ACC], "{:.1%}"),
         "Compute per step (tokens generated · wall s)": lambda m: f"{per_step(m, 'cost/tokens_generated', '{:.0f}')} · "
                                                                   f"{per_step(m, 'cost/wall_s', '{:.2f}')}",
-        "Sensitivity to noisy pairs (accuracy lost at the most noise)": lambda m: (
+        "Sensitivity to noisy pairs (accuracy change at the most noise)": lambda m: (
             pts(list(noise[m]["drop"].values())[-1]) if m in noise and noise[m]["drop"] else "not measured (online)"),
         "Reward hacking (RM rise · accuracy rise, GRPO by RM)": lambda m: (
             f"{cell(hacking['reward model']['rm_rise'], '{:+.2f}')} · "
@@ -255,7 +255,8 @@ def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], second
         "alignment). A cell is the mean over seeds ± the half-width of its 95% Student-t interval "
         "(t(0.975, n−1)·s/√n). Differences are paired by seed (the methods of a seed share everything "
         "upstream) and tested with a two-sided paired t-test, Holm-corrected over each family of tests. "
-        f"The study took {seconds / 60:.0f} min.\n",
+        f"This run of the study took {seconds / 60:.0f} min (a stage already run for its params and inputs is "
+        "restored from DVC's cache, not retrained).\n",
         *([f"**Seeds left out** ({len(failed)} of {len(failed) + len(seeds)}): " + "; ".join(
             f"seed {s}, {why}" for s, why in sorted(failed.items())) + ". Every figure below is over the other "
             "seeds only, so it describes the runs that passed every gate, not every run.\n"] if failed else []),

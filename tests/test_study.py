@@ -69,17 +69,18 @@ def test_the_report_states_what_the_seeds_support(tmp_path):
 
 @pytest.mark.integration
 def test_a_study_runs_every_condition_on_every_seed_and_reruns_nothing(tmp_path):
-    """The real thing on the smoke profile: 2 seeds × (main, noise-0.4, rm-reward), each a pipeline flow run
-    through DVC and a saved DVC experiment; the report's per-seed values are the runs' own metrics; a second
-    study over a seed already run trains nothing (every stage restored or up to date)."""
-    args = [sys.executable, "-m", "flows.study", "--params", str(helpers.SMOKE), "--methods", "dpo", "grpo",
-            "--noise", "0.4", "--workspace", str(tmp_path / "ws"), "--out", str(tmp_path / "study")]
+    """The real thing on the smoke profile: 2 seeds × (main, noise-0.4), DPO (the reward-hacking condition is
+    an override like the noise one; its table is checked above), each a pipeline flow run through DVC and a
+    saved DVC experiment; the report's per-seed values are the runs' own metrics; a second study over a
+    seed already run trains nothing (every stage restored or up to date)."""
+    args = [sys.executable, "-m", "flows.study", "--params", str(helpers.SMOKE), "--methods", "dpo", "--noise", "0.4",
+            "--no-hacking", "--workspace", str(tmp_path / "ws"), "--out", str(tmp_path / "study")]
     helpers.run([*args, "--seeds", "0", "1"], cwd=tmp_path, timeout=1200)
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname:lstrip=-1)", "refs/exps"], cwd=tmp_path / "ws",
                           capture_output=True, text=True).stdout.split()
-    assert {f"study-{c}-s{s}" for c in ("main", "noise-0.4", "rm-reward") for s in (0, 1)} <= set(refs)
+    assert {f"study-{c}-s{s}" for c in ("main", "noise-0.4") for s in (0, 1)} <= set(refs)
     out = json.loads((tmp_path / "study" / "study.json").read_text())
-    for cond, seed, policy in (("main", 1, "dpo"), ("noise-0.4", 0, "dpo"), ("rm-reward", 1, "grpo")):
+    for cond, seed, policy in (("main", 1, "dpo"), ("noise-0.4", 0, "dpo"), ("main", 0, "sft")):
         ev = json.loads((tmp_path / "study" / "runs" / cond / f"seed_{seed}" / "metrics" / f"eval_{policy}.json")
                         .read_text())
         assert out["per_seed"][cond][str(seed)][policy]["eval/reward_mean"] == ev["eval/reward_mean"]
@@ -92,6 +93,6 @@ def test_a_study_runs_every_condition_on_every_seed_and_reruns_nothing(tmp_path)
 
     again = helpers.run([*args, "--seeds", "1", "--noise", "--no-hacking"], cwd=tmp_path, timeout=600)
     summary = [line for line in (again.stdout + again.stderr).splitlines() if line.startswith("- ")]
-    assert any(line.startswith("- align@grpo: ") for line in summary)  # the flow's per-stage summary
+    assert any(line.startswith("- align@dpo: ") for line in summary)  # the flow's per-stage summary
     ran = {line[2:].split(":")[0] for line in summary if ": ran (" in line}
     assert ran == {"check"}  # check runs on every repro by design; every other stage restored or up to date
