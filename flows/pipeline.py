@@ -132,16 +132,16 @@ def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: d
     parent = tracking.start_parent(f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
                                    {"entry": "prefect", "prefect.flow_run_id": flow_run, **_prefect_link(flow_run),
                                     **(tags or {})}, root=repo)
-    client, exp_id = tracking.client_and_experiment(repo)
-    mlflow_ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
-    create_link_artifact(f"{mlflow_ui}/#/experiments/{exp_id}/runs/{parent}", link_text="this run in MLflow",
-                         key="mlflow-run", description="The MLflow parent run of this flow run (its stages nested)")
     # DVC runs stages as `python -m stages.<name>`: this interpreter's environment must come first.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path, "ALIGNPIPE_PARENT_RUN_ID": parent}
     env.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(repo))
     results, states = [], {}
     try:
+        client, exp_id = tracking.client_and_experiment(repo)
+        mlflow_ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
+        create_link_artifact(f"{mlflow_ui}/#/experiments/{exp_id}/runs/{parent}", link_text="this run in MLflow",
+                             key="mlflow-run", description="The MLflow parent run of this flow run (its stages nested)")
         for stage, needs in stage_order(repo):  # wait_for: the UI draws DVC's graph
             states[stage] = run_stage(str(repo), stage, env, wait_for=[states[n] for n in needs], return_state=True)
             results.append(states[stage].result())  # raises if the stage failed

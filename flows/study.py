@@ -99,7 +99,10 @@ def study(workspace_dir: str, seeds: list[int], methods: list[str], noise: list[
                 failed[seed] = f"{cond.name}: {str(e).splitlines()[0]}"
                 logger.error(f"seed {seed} left out of the report: {failed[seed]}")
                 break
-            save_experiment(ws, f"study-{cond.name}-s{seed}")
+            try:
+                save_experiment(ws, f"study-{cond.name}-s{seed}")
+            except RuntimeError as e:  # the run's outputs are in DVC's cache and its snapshot below: go on
+                logger.warning(str(e))
             dest = out / "runs" / cond.name / f"seed_{seed}"
             shutil.rmtree(dest, ignore_errors=True)
             for name in SNAPSHOT:

@@ -38,8 +38,17 @@ def load(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]]) -> dict
 
 
 def per_seed(runs: dict, cond: str, policy: str, key: str, seeds: list[int]) -> list[float] | None:
+    """One value per seed, or None when a seed lacks it (the report then says n/a, and tests nothing)."""
     values = [runs[cond][s][policy].get(key) for s in seeds]
     return None if any(v is None for v in values) else [float(v) for v in values]
+
+
+def estimate(values: list[float] | None) -> stats.Estimate | None:
+    return stats.estimate(values) if values else None
+
+
+def paired(a: list[float] | None, b: list[float] | None) -> stats.Difference | None:
+    return stats.paired(a, b) if a and b else None
 
 
 def cell(e: stats.Estimate | None, fmt: str) -> str:
@@ -48,20 +57,23 @@ def cell(e: stats.Estimate | None, fmt: str) -> str:
     return fmt.format(e.mean) if e.half is None else f"{fmt.format(e.mean)} ± {fmt.replace('+', '').format(e.half)}"
 
 
-def pts(d: stats.Difference) -> str:
+def pts(d: stats.Difference | None) -> str:
+    if d is None:
+        return "n/a"
     e = d.estimate
     ci = "" if e.half is None else f" (95% CI {100 * e.low:+.1f} to {100 * e.high:+.1f})"
     return f"{100 * e.mean:+.1f} pts{ci}"
 
 
-def pvalue(d: stats.Difference) -> str:
-    return "n/a" if d.p is None else f"p = {d.p:.3g}, Holm {d.p_holm:.3g}"
+def pvalue(d: stats.Difference | None) -> str:
+    if d is None or d.p is None:
+        return "not tested: it needs 2 seeds or more, and a difference that varies between them"
+    return f"p = {d.p:.3g}, Holm {d.p_holm:.3g}"
 
 
 def main_table(runs: dict, seeds: list[int], policies: list[str]) -> tuple[str, dict]:
-    """The comparison table (mean ± 95% interval per cell) → (markdown, {policy: {key: Estimate}})."""
-    est = {p: {k: stats.estimate(v) if (v := per_seed(runs, "main", p, k, seeds)) else None
-               for k, _, _ in compare.COLUMNS} for p in policies}
+    """The comparison table (mean ± 95% interval per cell) → (markdown, {policy: {key: Estimate | None}})."""
+    est = {p: {k: estimate(per_seed(runs, "main", p, k, seeds)) for k, _, _ in compare.COLUMNS} for p in policies}
     lines = ["| policy | " + " | ".join(h for _, h, _ in compare.COLUMNS) + " |",
              "|---|" + "---:|" * len(compare.COLUMNS)]
     lines += [f"| {p} | " + " | ".join(cell(est[p][k], fmt) for k, _, fmt in compare.COLUMNS) + " |" for p in policies]
@@ -70,46 +82,48 @@ def main_table(runs: dict, seeds: list[int], policies: list[str]) -> tuple[str, 
 
 def tests(runs: dict, seeds: list[int], methods: list[str]) -> tuple[dict, dict]:
     """Paired t-tests of accuracy over seeds: each method against SFT (Holm over the methods) and every
-    pair of methods (Holm over the pairs) → ({method: Difference}, {(a, b): Difference})."""
+    pair of methods (Holm over the pairs) → ({method: Difference | None}, {(a, b): Difference | None})."""
     acc = {p: per_seed(runs, "main", p, ACC, seeds) for p in ["sft", *methods]}
-    vs_sft = {m: stats.paired(acc[m], acc["sft"]) for m in methods}
-    pairs = {(a, b): stats.paired(acc[a], acc[b]) for i, a in enumerate(methods) for b in methods[i + 1:]}
-    stats.holm(list(vs_sft.values()))
-    stats.holm(list(pairs.values()))
+    vs_sft = {m: paired(acc[m], acc["sft"]) for m in methods}
+    pairs = {(a, b): paired(acc[a], acc[b]) for i, a in enumerate(methods) for b in methods[i + 1:]}
+    stats.holm([d for d in vs_sft.values() if d])
+    stats.holm([d for d in pairs.values() if d])
     return vs_sft, pairs
 
 
-def noise_table(runs: dict, seeds: list[int], levels: list[tuple[float, str]]) -> tuple[str, dict]:
-    """Accuracy of each offline method against the share of flipped pairs, and its paired drop from 0."""
-    methods = sorted({m for f, c in levels if f > 0 for m in runs[c][seeds[0]] if m not in ("sft", "pairs")},
-                     key=lambda m: ["dpo", "ipo", "kto"].index(m) if m in ("dpo", "ipo", "kto") else 9)
+def noise_table(runs: dict, seeds: list[int], levels: list[tuple[float, str]], methods: list[str]) -> tuple[str, dict]:
+    """Accuracy of each offline method against the share of flipped pairs (levels: (share, condition),
+    0 first), and its paired change from 0, Holm-corrected over every (method, share)."""
     header = "| method | " + " | ".join(f"{f:.0%} flipped" for f, _ in levels) + " | " + \
         " | ".join(f"change at {f:.0%}" for f, _ in levels if f > 0) + " |"
     lines, out = [header, "|---|" + "---:|" * (2 * len(levels) - 1)], {}
     for m in methods:
         acc = {f: per_seed(runs, c, m, ACC, seeds) for f, c in levels}
-        drops = {f: stats.paired(acc[f], acc[0.0]) for f, _ in levels if f > 0}
-        out[m] = {"accuracy": {f: stats.estimate(v) for f, v in acc.items()}, "drop": drops}
-        accs = " | ".join(cell(out[m]["accuracy"][f], "{:.1%}") for f, _ in levels)
-        falls = " | ".join(f"{pts(d)}, p = {d.p:.3g}" if d.p is not None else pts(d) for d in drops.values())
-        lines.append(f"| {m} | {accs} | {falls} |")
+        out[m] = {"accuracy": {f: estimate(v) for f, v in acc.items()},
+                  "change": {f: paired(acc[f], acc[0.0]) for f, _ in levels if f > 0}}
+    stats.holm([d for e in out.values() for d in e["change"].values() if d])
+    for m, e in out.items():
+        accs = " | ".join(cell(e["accuracy"][f], "{:.1%}") for f, _ in levels)
+        changes = " | ".join(f"{pts(d)}, {pvalue(d)}" for d in e["change"].values())
+        lines.append(f"| {m} | {accs} | {changes} |")
     return "\n".join(lines) + "\n", out
 
 
 def hacking_table(runs: dict, seeds: list[int]) -> tuple[str, dict]:
     """GRPO rewarded by the verifier (main) and by the reward model (rm-reward): the rise over SFT of
     the reward-model score and of accuracy on held-out prompts, and the training probe's fall from its
-    peak to its last reading (accuracy lost while the reward kept being optimised)."""
-    out = {}
-    for label, cond in (("verifier", "main"), ("reward model", "rm-reward")):
-        rm_rise = [runs[cond][s]["grpo"]["eval/reward_mean"] - runs[cond][s]["sft"]["eval/reward_mean"] for s in seeds]
-        acc_rise = [runs[cond][s]["grpo"][ACC] - runs[cond][s]["sft"][ACC] for s in seeds]
-        fall = []
-        for s in seeds:
-            probe = [r["probe/accuracy"] for r in runs[cond][s]["grpo"]["curve"] if "probe/accuracy" in r]
-            fall.append(max(probe) - probe[-1] if probe else 0.0)
-        out[label] = {"rm_rise": stats.estimate(rm_rise), "accuracy_rise": stats.estimate(acc_rise),
-                      "probe_fall": stats.estimate(fall)}
+    peak to its last reading (accuracy lost while the reward kept being optimised; n/a without probes)."""
+    def rise(cond: str, key: str) -> list[float] | None:
+        grpo, sft = per_seed(runs, cond, "grpo", key, seeds), per_seed(runs, cond, "sft", key, seeds)
+        return [g - b for g, b in zip(grpo, sft)] if grpo and sft else None
+
+    def fall(cond: str) -> list[float] | None:
+        probes = [[r["probe/accuracy"] for r in runs[cond][s]["grpo"]["curve"] if "probe/accuracy" in r] for s in seeds]
+        return None if not all(probes) else [max(p) - p[-1] for p in probes]
+
+    out = {label: {"rm_rise": estimate(rise(cond, "eval/reward_mean")), "accuracy_rise": estimate(rise(cond, ACC)),
+                   "probe_fall": estimate(fall(cond))}
+           for label, cond in (("verifier", "main"), ("reward model", "rm-reward"))}
     lines = ["| GRPO rewarded by | RM score rise over SFT (std units) | accuracy rise over SFT | "
              "probe accuracy, peak − last |", "|---|---:|---:|---:|"]
     for label, e in out.items():
@@ -123,9 +137,12 @@ def selection_table(runs: dict, seeds: list[int], methods: list[str], est: dict,
     """The seeds' method-selection rows, one column per method, our measured values in the cells."""
     from stages.methods import registry
 
+    def mean(m: str, key: str, fmt: str) -> str:
+        return "n/a" if est[m][key] is None else fmt.format(est[m][key].mean)
+
     def seed_sd(m: str) -> str:
         acc = per_seed(runs, "main", m, ACC, seeds)
-        return "n/a" if len(acc) < 2 else f"{100 * statistics.stdev(acc):.1f}"
+        return "n/a" if not acc or len(acc) < 2 else f"{100 * statistics.stdev(acc):.1f}"
 
     def data(m: str) -> str:
         r = runs["main"][seeds[0]][m]["train"]
@@ -134,40 +151,47 @@ def selection_table(runs: dict, seeds: list[int], methods: list[str], est: dict,
         return "prompts + reward (" + ("verifier" if m != "ppo" else "RM / verifier") + ")"
 
     def per_step(m: str, key: str, fmt: str) -> str:  # the run's total over its steps (the last row's step)
-        vals = [runs["main"][s][m]["train"].get(key, 0.0) / runs["main"][s][m]["curve"][-1]["step"] for s in seeds]
+        runs_m = [runs["main"][s][m] for s in seeds]
+        if not all(r["curve"] for r in runs_m):
+            return "n/a"
+        vals = [r["train"].get(key, 0.0) / r["curve"][-1]["step"] for r in runs_m]
         return fmt.format(sum(vals) / len(vals))
 
     rows = {
-        "Training complexity (models held · peak MB)": lambda m: f"{est[m]['cost/models_in_memory'].mean:.0f} · "
-                                                                 f"{est[m]['cost/peak_mem_mb'].mean:.0f}",
+        "Training complexity (models held · peak MB)": lambda m: f"{mean(m, 'cost/models_in_memory', '{:.0f}')} · "
+                                                                 f"{mean(m, 'cost/peak_mem_mb', '{:.0f}')}",
         "Data requirements (what it consumed)": data,
         "Training stability (seed-to-seed SD · within-run SD, pts)": lambda m: f"{seed_sd(m)} · "
                                                                                f"{cell(est[m]['stability'], '{:.1f}')}",
         "Performance (held-out accuracy)": lambda m: cell(est[m][ACC], "{:.1%}"),
-        "Compute per step (tokens generated · wall s)": lambda m: f"{per_step(m, 'cost/tokens_generated', '{:.0f}')} · "
-                                                                  f"{per_step(m, 'cost/wall_s', '{:.2f}')}",
+        "Compute per step in training (tokens generated · wall s)": lambda m: (
+            f"{per_step(m, 'cost/tokens_generated', '{:.0f}')} · {per_step(m, 'cost/wall_s', '{:.2f}')}"),
         "Sensitivity to noisy pairs (accuracy change at the most noise)": lambda m: (
-            pts(list(noise[m]["drop"].values())[-1]) if m in noise and noise[m]["drop"] else "not measured (online)"),
+            pts(noise[m]["change"][max(noise[m]["change"])]) if m in noise and noise[m]["change"]
+            else "not measured (online)"),
         "Reward hacking (RM rise · accuracy rise, GRPO by RM)": lambda m: (
             f"{cell(hacking['reward model']['rm_rise'], '{:+.2f}')} · "
             f"{cell(hacking['reward model']['accuracy_rise'], '{:+.1%}')}" if hacking and m == "grpo" else "—"),
     }
     lines = ["| criterion | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     lines += [f"| {name} | " + " | ".join(fn(m) for m in methods) + " |" for name, fn in rows.items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + ("\nOffline methods generate nothing while training: their pairs were sampled "
+                                       "by the pairs stage (its tokens are on compute.png).\n")
 
 
 def reading(vs_sft: dict, pairs: dict, n: int) -> str:
     """Sentences that say only what the tests support."""
     out = []
     for m, d in vs_sft.items():
-        verdict = ("better than SFT" if d.significant() and d.estimate.mean > 0 else
+        verdict = ("not tested" if d is None or d.p is None else
+                   "better than SFT" if d.significant() and d.estimate.mean > 0 else
                    "worse than SFT" if d.significant() else "not separated from SFT")
         out.append(f"- **{m}**: {pts(d)} over SFT ({pvalue(d)}): {verdict}.")
-    ordered = [f"{a} > {b}" if d.estimate.mean > 0 else f"{b} > {a}" for (a, b), d in pairs.items() if d.significant()]
-    family = f"paired t over {n} seeds, Holm over {len(pairs)} pairs"
-    out.append(f"- Order of the methods ({family}): " + (", ".join(ordered) + "; no other pair is separated."
-                                                          if ordered else "no pair of methods is separated."))
+    tested = {k: d for k, d in pairs.items() if d is not None and d.p is not None}
+    ordered = [f"{a} > {b}" if d.estimate.mean > 0 else f"{b} > {a}" for (a, b), d in tested.items() if d.significant()]
+    family = f"paired t over {n} seeds, Holm over {len(tested)} tested pairs of {len(pairs)}"
+    out.append(f"- Order of the methods ({family}): " + (", ".join(ordered) + "; no other tested pair is separated."
+                                                          if ordered else "no tested pair of methods is separated."))
     return "\n".join(out) + "\n"
 
 
@@ -186,10 +210,10 @@ def plots(out: Path, runs: dict, seeds: list[int], methods: list[str], est: dict
             fig.savefig(fh, format="png", dpi=110)
         plt.close(fig)
 
-    names = ["sft", *methods]
+    names = [p for p in ["sft", *methods] if est[p][ACC] is not None]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.bar(names, [est[p][ACC].mean for p in names], yerr=[est[p][ACC].half or 0 for p in names], capsize=4,
-           color=["#888"] + ["#3a7"] * len(methods))
+           color=["#888" if p == "sft" else "#3a7" for p in names])
     ax.set_ylabel(f"held-out accuracy (mean, 95% CI, {len(seeds)} seeds)")
     save(fig, "accuracy.png")
 
@@ -216,7 +240,7 @@ def plots(out: Path, runs: dict, seeds: list[int], methods: list[str], est: dict
     if noise:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for m, e in noise.items():
-            fs = sorted(e["accuracy"])
+            fs = sorted(f for f, a in e["accuracy"].items() if a is not None)
             ax.errorbar(fs, [e["accuracy"][f].mean for f in fs], yerr=[e["accuracy"][f].half or 0 for f in fs],
                         marker="o", capsize=3, label=m)
         ax.set_xlabel("share of pairs flipped")
@@ -246,8 +270,9 @@ def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], second
     methods = dict(plan)["main"]
     table, est = main_table(runs, seeds, ["sft", *methods])
     vs_sft, pairwise = tests(runs, seeds, methods)
-    levels = [(0.0, "main")] + [(float(c.split("-", 1)[1]), c) for c, _ in plan if c.startswith("noise-")]
-    noise_md, noise = noise_table(runs, seeds, levels) if len(levels) > 1 else ("", {})
+    levels = [(0.0, "main")] + sorted((float(c.split("-", 1)[1]), c) for c, _ in plan if c.startswith("noise-"))
+    offline = next((m for c, m in plan if c.startswith("noise-")), [])
+    noise_md, noise = noise_table(runs, seeds, levels, offline) if len(levels) > 1 else ("", {})
     hacking_md, hacking = hacking_table(runs, seeds) if "rm-reward" in runs else ("", None)
     parts = [
         f"# Method comparison over {len(seeds)} seeds ({', '.join(map(str, seeds))})\n",
@@ -285,7 +310,9 @@ def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], second
     return md
 
 
-def _diff(d: stats.Difference) -> dict:
+def _diff(d: stats.Difference | None) -> dict | None:
+    if d is None:
+        return None
     e = d.estimate
     return {"mean": e.mean, "low": e.low, "high": e.high, "n": e.n, "p": d.p, "p_holm": d.p_holm,
             "significant": d.significant()}

@@ -66,6 +66,14 @@ def test_the_report_states_what_the_seeds_support(tmp_path):
     for name in ("accuracy.png", "compute.png", "noise.png", "hacking.png", "study.csv"):
         assert (tmp_path / name).stat().st_size > 0
 
+    # A seed without a verifier accuracy (no reference answers) or probes: n/a and no test, never a guess.
+    ev = tmp_path / "runs" / "main" / "seed_1" / "metrics" / "eval_dpo.json"
+    ev.write_text(json.dumps({k: v for k, v in json.loads(ev.read_text()).items() if k != "eval/accuracy"}))
+    (tmp_path / "runs" / "rm-reward" / "seed_0" / "plots" / "train_grpo.csv").write_text("step,cost/wall_s\n10,60\n")
+    md = study_report.write(tmp_path, SEEDS, plan, 60.0)
+    assert "| dpo | n/a |" in md and "**dpo**: n/a over SFT (not tested" in md
+    assert "| reward model | +1.600 ± 0.248 | +1.0% ± 2.5% | n/a |" in md.split("## Reward hacking")[1]
+
 
 @pytest.mark.integration
 def test_a_study_runs_every_condition_on_every_seed_and_reruns_nothing(tmp_path):

@@ -204,6 +204,8 @@ def gather(obj) -> list:
 def share(n: int, group: int = 1) -> slice:
     """This process's contiguous share of n rows, in whole groups of `group` rows (a prompt's
     completions stay together); shares differ in size by at most one group."""
+    if n % group:
+        raise ValueError(f"{n} rows are not whole groups of {group}")
     groups, r, w = n // group, rank(), world()
     return slice(groups * r // w * group, groups * (r + 1) // w * group)
 
@@ -238,7 +240,7 @@ def map_rows(fn, n: int, batch: int | None = None, group: int = 1, device=None):
     extra = lockstep(len(starts)) - len(starts) if batch else 0  # before any pass: FSDP's collectives in order
     parts = [fn(slice(i, min(i + size, mine.stop))) for i in starts]
     for _ in range(extra):
-        fn(slice(0, min(size, n)))  # in step with the others; the result is not this process's
+        fn(slice(0, 1))  # in step with the others; the result is not this process's
     if world() == 1:
         return _join(parts)
     out = _join(parts) if parts else None

@@ -68,7 +68,9 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def _sample_batch(model, prompt_ids, prompt_mask, max_new_tokens, temperature, stop_ids, pad_id, streams):
+def _sample_batch(model, prompt_ids, prompt_mask, max_new_tokens, temperature, stop_ids, pad_id, streams,
+                  counts: bool = True):
+    """counts: False for a batch run only to keep in step (FSDP), which never keeps the others decoding."""
     from transformers import DynamicCache
 
     n, p = prompt_ids.shape
@@ -97,7 +99,7 @@ def _sample_batch(model, prompt_ids, prompt_mask, max_new_tokens, temperature, s
         logps.append(lp * alive)
         mask = torch.cat([mask, alive[:, None]], dim=1)
         done = done | torch.isin(tok, stop)
-        if step == max_new_tokens - 1 or not dist.any_process(not bool(done.all()), device):  # FSDP: in step
+        if step == max_new_tokens - 1 or not dist.any_process(counts and not bool(done.all()), device):  # FSDP
             break
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos + step,
                     past_key_values=cache, use_cache=True)
@@ -134,10 +136,11 @@ def sample(model, prompts: list[list[int]], n_per_prompt: int, max_new_tokens: i
                    for j in range(i, i + len(ids))] if temperature > 0 else None
         parts.append(_sample_batch(model, ids.to(device), mask.to(device), max_new_tokens, temperature,
                                    stop_ids, pad_id, streams))
-    for _ in range(extra):  # the result is dropped
-        ids, mask = left_pad(rows[:batch_size] or [[pad_id]], pad_id)
-        streams = [torch.Generator().manual_seed(0) for _ in ids] if temperature > 0 else None
-        _sample_batch(model, ids.to(device), mask.to(device), max_new_tokens, temperature, stop_ids, pad_id, streams)
+    for _ in range(extra):  # one row, its result dropped: the cost of a collective pass is per pass, not per row
+        ids, mask = left_pad(rows[:1] or [[pad_id]], pad_id)
+        streams = [torch.Generator().manual_seed(0)] if temperature > 0 else None
+        _sample_batch(model, ids.to(device), mask.to(device), max_new_tokens, temperature, stop_ids, pad_id, streams,
+                      counts=False)
     model.train(was_training)
     return concat(parts, pad_id) if parts else None
 

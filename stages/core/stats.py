@@ -40,8 +40,8 @@ class Estimate:
 @dataclass
 class Difference:
     """Paired difference a − b over seeds: its estimate, the two-sided p-value of the paired t-test
-    (None with fewer than 2 seeds; 1.0 or 0.0 when every seed gives the same difference) and the
-    p-value after Holm's correction over the family it was tested in."""
+    (None when it cannot be tested: fewer than 2 seeds, or the same difference on every seed, which
+    leaves no spread to test against) and the p-value after Holm's correction over its family."""
 
     estimate: Estimate
     p: float | None
@@ -76,10 +76,8 @@ def paired(a: list[float], b: list[float]) -> Difference:
         raise ValueError(f"paired values differ in number: {len(a)} and {len(b)}")
     diffs = [x - y for x, y in zip(a, b)]
     est = estimate(diffs)
-    if est.n < 2:
+    if est.n < 2 or est.half == 0.0:
         return Difference(est, None)
-    if est.half == 0.0:  # the same difference in every seed: no spread to test against
-        return Difference(est, 1.0 if est.mean == 0 else 0.0)
     from scipy.stats import t
 
     se = est.half / t_quantile(0.5 + LEVEL / 2, est.n - 1)
