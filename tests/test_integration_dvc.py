@@ -128,7 +128,7 @@ def test_mlflow_has_a_parent_per_repro_with_nested_stage_runs(ws):
     assert all(r.data.tags.get("method") for r in children)
     assert sft.data.tags["method"] == "sft"
     summaries = {r.data.tags["method"]: r for r in runs if r.data.tags.get("alignpipe.kind") == "summary"
-                 and r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
+                 and r.data.tags.get("alignpipe.pipeline_run") == first.info.run_id}
     assert set(summaries) == {"sft", "dpo"}
     dpo = summaries["dpo"]
     assert dpo.data.params["beta"] == "0.1" and {"eval/accuracy", "cost/wall_s"} <= set(dpo.data.metrics)

@@ -80,11 +80,12 @@ class MlflowTracker:
         self.client.log_table(self.run_id, {c: [r.get(c) for r in rows] for c in columns}, name)
 
     def summary(self, name: str, params: dict, metrics: dict) -> None:
-        """A run beside this one (the same parent) holding one policy's params, evaluation and cost."""
+        """A top-level run holding one policy's params, evaluation and cost, tagged with its pipeline run
+        (alignpipe.pipeline_run): nested under the parent, the UI would fold it away under that run."""
         run = self.client.get_run(self.run_id)
         parent = run.data.tags.get("mlflow.parentRunId")
         tags = {"alignpipe.kind": "summary", "method": name, "stage": "compare", "git_commit": git_commit(),
-                **({"mlflow.parentRunId": parent} if parent else {})}
+                **({"alignpipe.pipeline_run": parent} if parent else {})}
         other = MlflowTracker(self.client, self.client.create_run(run.info.experiment_id, run_name=f"summary@{name}",
                                                                   tags=tags).info.run_id)
         other.log_params(params)
