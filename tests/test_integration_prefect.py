@@ -128,7 +128,7 @@ def test_work_pool_worker_runs_the_pipeline_to_completed(server, ws):
     assert "| sft |" in table and "| dpo |" in table and "prepare: ran" in table
     # The UI's graph is DVC's: a task waits for the tasks of the stages whose outputs it reads.
     waits = {name: {i.id for i in t.task_inputs.get("wait_for", [])} for name, t in tasks.items()}
-    assert waits["align@dpo"] == {tasks[s].id for s in ("pairs", "sft", "reward")}
+    assert waits["align@dpo"] == {tasks[s].id for s in ("prepare", "pairs", "sft", "reward")}  # prompts: prepare's
     assert waits["prepare"] == {tasks["check"].id} and waits["check"] == set()
     assert "/#/experiments/" in arts["mlflow-run"].data  # the link to the MLflow parent run
 
