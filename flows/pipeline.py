@@ -181,16 +181,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a param, e.g. --set align.dpo.beta=0.05 (YAML value; repeatable)")
     args = p.parse_args(argv)
+    run_cli(lambda: pipeline(repo_dir=args.repo, methods=args.methods,
+                             overrides=params_edit.parse_assignments(args.overrides)))
+
+
+def run_cli(work) -> None:
+    """A flow run from the command line: print what work() returns, or one line and exit 2 (bad params,
+    before any work) or 1 (a failed stage: Prefect has the full log)."""
     try:
-        overrides = params_edit.parse_assignments(args.overrides)
-        table = pipeline(repo_dir=args.repo, methods=args.methods, overrides=overrides)
+        out = work()
     except params_edit.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Exception as e:  # a failed stage: Prefect has the full log; one line here
+    except Exception as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         sys.exit(1)
-    print(table)
+    print(out)
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workspace", default=".study")
     p.add_argument("--out", default="study")
     args = p.parse_args(argv)
-    try:
+    def work() -> str:
         cfg = params_edit.loads(Path(args.params).read_text(), args.params)  # a bad key: one line, before any work
         chosen = {k: getattr(args, k) for k in ("seeds", "methods", "noise", "hacking") if getattr(args, k) is not None}
         s = params_edit.loads(f"study: {json.dumps({**cfg.study.model_dump(), **chosen})}", "the options").study
@@ -160,15 +160,9 @@ def main(argv: list[str] | None = None) -> None:
             workspace.copy_code(ws, args.params)
         else:
             workspace.create(ws, args.params)
-        report = study(str(ws), s.seeds, s.methods, s.noise, s.hacking, args.out)
-    except params_edit.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # a failed stage: Prefect has the full log; one line here
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        sys.exit(1)
-    print(report)
+        return study(str(ws), s.seeds, s.methods, s.noise, s.hacking, args.out)
 
+    pipeline.run_cli(work)
 
 if __name__ == "__main__":
     main()
