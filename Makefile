@@ -9,7 +9,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run compare study smoke real test lint bench ui clean
+.PHONY: setup run repro compare study smoke real test lint bench ui clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ endef
 run: setup
 	$(BIN)/python -m flows.pipeline
 	$(UI_HINT)
+
+# dvc repro by hand, after the flow's own first steps (params.yaml validated before DVC reads it, a
+# stale lock of a killed run recovered): make repro ARGS="align@dpo" passes ARGS to dvc repro.
+repro: setup
+	$(BIN)/python -m flows.repro $(ARGS)
 
 # All six methods on the same SFT model, reward model and pairs: sets align.methods in params.yaml.
 compare: setup

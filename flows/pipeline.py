@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows import params as params_edit
+from flows.repro import preflight
 
 
 def stage_order(repo: Path) -> list[tuple[str, list[str]]]:
@@ -39,37 +40,6 @@ def stage_order(repo: Path) -> list[tuple[str, list[str]]]:
         names = {s: s.name for s in graph.nodes}
         order = nx.lexicographical_topological_sort(graph.reverse(copy=True), key=lambda s: names[s])
         return [(names[s], sorted(names[d] for d in graph.successors(s))) for s in order]
-
-
-def recover_dvc_lock(repo: Path) -> bool:
-    """A `dvc repro` killed while it rewrote .dvc/tmp/rwlock can leave that file half-written, and every
-    later repro then fails ("JSON structure is corrupted") until it is removed by hand. Remove it when it
-    is unreadable and no DVC command holds this repo's lock (a running one always does, and a killed
-    one's lock dies with it), so it was left by a dead run → whether it was removed. A readable rwlock
-    is DVC's own business: it drops the entries of dead processes itself."""
-    import json
-
-    from dvc.lock import LockError, make_lock
-
-    rwlock = repo / ".dvc" / "tmp" / "rwlock"
-    try:
-        json.loads(rwlock.read_text())
-        return False
-    except FileNotFoundError:
-        return False
-    except ValueError:
-        pass
-    lock = make_lock(str(rwlock.parent / "lock"), tmp_dir=str(rwlock.parent), friendly=False)
-    try:
-        lock.lock()
-    except LockError:
-        return False  # a live DVC command in this repo: not ours to touch
-    try:
-        rwlock.unlink(missing_ok=True)
-    finally:
-        lock.unlock()
-    print(f"removed {rwlock.relative_to(repo)}: half-written by a killed dvc run, no DVC command holds the repo")
-    return True
 
 
 PROGRESS = re.compile(r"\|\s*\d+/\d+ \[")  # a tqdm bar
@@ -120,13 +90,12 @@ def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: d
     from stages.core import tracking
 
     repo = Path(repo_dir).resolve()
-    recover_dvc_lock(repo)
     changes = dict(overrides or {})
     if methods:
         changes["align.methods"] = list(methods)
     if changes:
         params_edit.apply(repo / "params.yaml", changes)
-    params_edit.loads((repo / "params.yaml").read_text(), "params.yaml")  # before DVC reads it: one line, not DVC's
+    preflight(repo)
 
     flow_run = _flow_run_id()
     parent = tracking.start_parent(f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",

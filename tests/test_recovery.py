@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from flows import pipeline, workspace
+from flows import repro, workspace
 from tests import helpers
 
 pytestmark = pytest.mark.integration
@@ -32,23 +32,37 @@ def test_a_corrupt_rwlock_of_a_killed_run_is_recovered_and_one_in_use_is_not(tmp
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(rwlock.parent)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert not pipeline.recover_dvc_lock(d) and rwlock.exists()  # a live DVC command: left alone
+        assert not repro.recover_dvc_lock(d) and rwlock.exists()  # a live DVC command: left alone
     finally:
         holder.kill()
         holder.wait()
-    assert pipeline.recover_dvc_lock(d) and not rwlock.exists()
+    assert repro.recover_dvc_lock(d) and not rwlock.exists()
     assert "Running stage 'check'" in helpers.dvc("repro", "check", cwd=d).stdout
-    assert not pipeline.recover_dvc_lock(d)  # a readable rwlock is DVC's own business
+    assert not repro.recover_dvc_lock(d)  # a readable rwlock is DVC's own business
 
 
-def test_the_flow_names_a_params_mistake_that_dvc_would_trip_over(tmp_path):
+@pytest.mark.parametrize("entry", [["flows.pipeline", "--repo", "."], ["flows.repro", "check"]],
+                         ids=["flow", "make-repro"])
+def test_every_entry_point_names_a_params_mistake_that_dvc_would_trip_over(tmp_path, entry):
     """align.methods as a string: DVC's matrix expansion fails first ("'Value' object is not iterable")
-    under a plain dvc repro; the flow (make run) reads params.yaml before DVC does."""
+    under a bare dvc repro; the flow (make run) and make repro read params.yaml before DVC does."""
     d = workspace.create(tmp_path / "ws", helpers.SMOKE)
     params = d / "params.yaml"
     params.write_text(params.read_text().replace("methods: [dpo]", "methods: dpo"))
-    out = helpers.run([sys.executable, "-m", "flows.pipeline", "--repo", str(d)], d, check=False)
+    bare = helpers.dvc("repro", "check", cwd=d, check=False)
+    assert bare.returncode != 0 and "not iterable" in bare.stdout + bare.stderr  # what a bare dvc repro says
+    out = helpers.run([sys.executable, "-m", *entry], d, check=False)
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]  # beside Prefect's log lines
     assert len(errors) == 1 and errors[0].startswith("error: params.yaml: align.methods: Input should be a valid list")
-    assert not (d / "dvc.lock").exists() and not (d / "data").exists()
+    assert not (d / "dvc.lock").exists() and not (d / "data").exists() and not (d / "inputs.lock.json").exists()
+
+
+def test_make_repro_recovers_a_stale_lock_then_runs_dvc_repro_with_its_arguments(tmp_path):
+    d = workspace.create(tmp_path / "ws", helpers.SMOKE)
+    rwlock = d / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(exist_ok=True)
+    rwlock.write_text('{"read": {"da')
+    out = helpers.run([sys.executable, "-m", "flows.repro", "check"], d)
+    assert "removed .dvc/tmp/rwlock" in out.stdout and "Running stage 'check'" in out.stdout
+    assert (d / "inputs.lock.json").is_file() and not (d / "data").exists()  # only the stage asked for
