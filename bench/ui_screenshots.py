@@ -6,7 +6,7 @@ Needs a Chromium binary (Debian: `apt-get install chromium`). Starts `mlflow ser
 (`<repo>/mlflow.db`) and `prefect server start` (on its default database, which holds the flow runs this
 machine ran, temporary servers included), each on a free loopback port, and saves into --out:
   mlflow-experiment.png   the experiment as it opens
-  mlflow-summaries.png    the runs table filtered to the summary runs (one row per method)
+  mlflow-methods.png      the saved view compare writes: one row per method, its key metrics as columns
   mlflow-run.png          the latest summary run (params, evaluation and cost of one method)
   prefect-flow-run.png    the latest alignpipe flow run (its task graph)
 then stops both servers. Nothing is asserted: look at the pictures.
@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -57,10 +56,10 @@ def mlflow_pages(repo: Path, port: int) -> list[tuple[str, str]]:
     client = MlflowClient(tracking.tracking_uri(repo))
     exp = client.get_experiment_by_name(tracking.EXPERIMENT)
     base = f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}"
-    summary = "tags.`alignpipe.kind` = 'summary'"
     pages = [("mlflow-experiment.png", base),
-             ("mlflow-summaries.png", f"{base}/runs?searchFilter={urllib.parse.quote(summary)}")]
-    latest = client.search_runs([exp.experiment_id], summary, order_by=["start_time DESC"], max_results=1)
+             ("mlflow-methods.png", tracking.methods_view_url(f"http://127.0.0.1:{port}", exp.experiment_id))]
+    latest = client.search_runs([exp.experiment_id], tracking.SUMMARY_FILTER, order_by=["start_time DESC"],
+                                max_results=1)
     if latest:
         pages.append(("mlflow-run.png", f"{base}/runs/{latest[0].info.run_id}"))
     return pages

@@ -90,12 +90,7 @@ def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: d
     from stages.core import tracking
 
     repo = Path(repo_dir).resolve()
-    changes = dict(overrides or {})
-    if methods:
-        changes["align.methods"] = list(methods)
-    if changes:
-        params_edit.apply(repo / "params.yaml", changes)
-    preflight(repo)
+    set_params(repo, methods, overrides)
 
     flow_run = _flow_run_id()
     parent = tracking.start_parent(f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
@@ -111,6 +106,9 @@ def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: d
         mlflow_ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
         create_link_artifact(f"{mlflow_ui}/#/experiments/{exp_id}/runs/{parent}", link_text="this run in MLflow",
                              key="mlflow-run", description="The MLflow parent run of this flow run (its stages nested)")
+        create_link_artifact(tracking.methods_view_url(mlflow_ui, exp_id), link_text="the methods side by side",
+                             key="mlflow-methods", description="MLflow's runs table, one row per method and seed "
+                                                               "(params, evaluation, cost): the saved view compare writes")
         for stage, needs in stage_order(repo):  # wait_for: the UI draws DVC's graph
             states[stage] = run_stage(str(repo), stage, env, wait_for=[states[n] for n in needs], return_state=True)
             results.append(states[stage].result())  # raises if the stage failed
@@ -127,6 +125,17 @@ def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: d
     tracking.end_run(parent, root=repo)
     print(f"stages:\n{summary}")
     return table
+
+
+def set_params(repo: Path, methods: list[str] | None, overrides: dict | None):
+    """Write the run's choices to params.yaml and check it before DVC reads it → the params (raises
+    ConfigError)."""
+    changes = dict(overrides or {})
+    if methods:
+        changes["align.methods"] = list(methods)
+    if changes:
+        params_edit.apply(repo / "params.yaml", changes)
+    return preflight(repo)
 
 
 def _prefect_link(flow_run: str) -> dict:
@@ -150,8 +159,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a param, e.g. --set align.dpo.beta=0.05 (YAML value; repeatable)")
     args = p.parse_args(argv)
-    run_cli(lambda: pipeline(repo_dir=args.repo, methods=args.methods,
-                             overrides=params_edit.parse_assignments(args.overrides)))
+
+    def work() -> str:
+        overrides = params_edit.parse_assignments(args.overrides)
+        cfg = set_params(Path(args.repo).resolve(), args.methods, overrides)  # a mistake: one line, no flow run
+        # the methods that run, as a parameter of the flow run (the Prefect UI shows them)
+        return pipeline(repo_dir=args.repo, methods=cfg.align.methods, overrides=overrides)
+
+    run_cli(work)
 
 
 def run_cli(work) -> None:

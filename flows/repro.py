@@ -22,11 +22,11 @@ from pathlib import Path
 from flows import params as params_edit
 
 
-def preflight(repo: Path) -> None:
-    """Before DVC reads the repo: recover a stale lock of a killed run, and validate params.yaml (raises
-    ConfigError naming the key)."""
+def preflight(repo: Path):
+    """Before DVC reads the repo: recover a stale lock of a killed run, and validate params.yaml → the
+    params (raises ConfigError naming the key)."""
     recover_dvc_lock(repo)
-    params_edit.loads((repo / "params.yaml").read_text(), "params.yaml")
+    return params_edit.loads((repo / "params.yaml").read_text(), "params.yaml")
 
 
 def recover_dvc_lock(repo: Path) -> bool:

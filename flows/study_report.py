@@ -129,6 +129,15 @@ def hacking_table(runs: dict, seeds: list[int]) -> tuple[str, dict]:
     for label, e in out.items():
         lines.append(f"| {label} | {cell(e['rm_rise'], '{:+.3f}')} | {cell(e['accuracy_rise'], '{:+.1%}')} | "
                      f"{cell(e['probe_fall'], '{:.1%}')} |")
+    rises = {c: (rise(c, "eval/reward_mean"), rise(c, ACC)) for c in ("rm-reward", "main")}
+    lines += ["", "Per seed (held-out prompts; the hacking gap is the RM score rising while accuracy does not):", "",
+              "| seed | by RM: RM rise | by RM: accuracy rise | by verifier: RM rise | by verifier: accuracy rise |",
+              "|---:|---:|---:|---:|---:|"]
+    for i, seed in enumerate(seeds):
+        vals = [("n/a" if rm is None else f"{rm[i]:+.3f}", "n/a" if acc is None else f"{100 * acc[i]:+.1f} pts")
+                for rm, acc in rises.values()]
+        vals = [v for pair in vals for v in pair]
+        lines.append(f"| {seed} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n", out
 
 
@@ -248,18 +257,38 @@ def plots(out: Path, runs: dict, seeds: list[int], methods: list[str], est: dict
         ax.legend()
         save(fig, "noise.png")
     if hacking_conds:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-        for label, cond in (("verifier", "main"), ("reward model", "rm-reward")):
-            curve = [r for r in runs[cond][seeds[0]]["grpo"]["curve"] if "rollout/reward_mean" in r]
-            axes[0].plot([r["step"] for r in curve], [r["rollout/reward_mean"] for r in curve], label=label)
-            probe = [r for r in runs[cond][seeds[0]]["grpo"]["curve"] if "probe/accuracy" in r]
-            axes[1].plot([r["step"] for r in probe], [r["probe/accuracy"] for r in probe], marker="o", label=label)
-        axes[0].set_ylabel("reward being optimised")
-        axes[1].set_ylabel("probe accuracy (verifier)")
-        for ax in axes:
-            ax.set_xlabel(f"GRPO step (seed {seeds[0]})")
-            ax.legend(title="rewarded by", fontsize=8)
-        save(fig, "hacking.png")
+        hacking_plot(out, runs, seeds, plt, save)
+
+
+def hacking_plot(out: Path, runs: dict, seeds: list[int], plt, save) -> None:
+    """hacking.png: over GRPO training, per seed, the rollouts' reward-model score (GRPO rewarded by the
+    reward model) and their verifier accuracy (rewarded by either), each as a rise since the first step
+    (a moving average over 5 logged steps): a hacking gap is the first rising while the second does not."""
+    def smooth(xs: list[float], k: int = 5) -> list[float]:
+        return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for i, seed in enumerate(seeds):
+        color = f"C{i % 10}"
+        for label, cond, style in (("reward model", "rm-reward", "-"), ("verifier", "main", "--")):
+            curve = [r for r in runs[cond][seed]["grpo"]["curve"] if "rollout/accuracy" in r]
+            if not curve:
+                continue
+            steps = [r["step"] for r in curve]
+            if cond == "rm-reward":
+                rm = smooth([r["rollout/reward_mean"] for r in curve])
+                axes[0].plot(steps, [v - rm[0] for v in rm], style, color=color, label=f"seed {seed}")
+            acc = smooth([r["rollout/accuracy"] for r in curve])
+            axes[1].plot(steps, [100 * (v - acc[0]) for v in acc], style, color=color,
+                         label=f"seed {seed}, by {label}")
+    axes[0].set_ylabel("RM score rise (std units)")
+    axes[0].set_title("GRPO rewarded by the reward model", fontsize=9)
+    axes[1].set_ylabel("verifier accuracy rise (pts)")
+    axes[1].set_title("solid: rewarded by the RM; dashed: by the verifier", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("GRPO step (rollouts)")
+        ax.legend(fontsize=7)
+    save(fig, "hacking.png")
 
 
 def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], seconds: float,

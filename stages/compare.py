@@ -108,6 +108,7 @@ def main(argv=None) -> str:
             section = cfg.sft if r["policy"] == "sft" else cfg.align.method(r["policy"])
             tr.summary(r["policy"], {"seed": cfg.seed, **section.model_dump()},
                        {k: r[k] for k, _, _ in COLUMNS if r.get(k) is not None})
+        tr.methods_view([k for k, _, _ in COLUMNS])
     print(md, end="")
     return f"compare: {len(table)} policies ({', '.join(names)}) → {out}/comparison.md, comparison.png"
 

@@ -55,9 +55,13 @@ def build_model(cfg: config.Params):
         try:
             tok = models.load_tokenizer(m.name_or_path)
         except (OSError, ValueError) as e:
+            reason = " ".join(str(e).split())
             raise config.ConfigError(f"model.name_or_path: could not load a tokenizer from {m.name_or_path!r} "
-                                     f"({str(e).splitlines()[0]})") from None
-        model = models.load_causal_lm(m.name_or_path, "cpu")
+                                     f"({reason[:200]}); save the tokenizer beside the weights") from None
+        try:
+            model = models.load_causal_lm(m.name_or_path, "cpu")
+        except config.ConfigError as e:
+            raise config.ConfigError(f"model.name_or_path: {e}") from None
     bad, names = models.non_finite_weights(model)
     if bad:
         raise config.ConfigError(f"model.name_or_path: {m.name_or_path}: {bad} weights are NaN or infinite "

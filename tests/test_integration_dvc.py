@@ -138,6 +138,17 @@ def test_mlflow_has_a_parent_per_repro_with_nested_stage_runs(ws):
     table = json.loads(Path(samples).read_text())
     assert {"prompt", "completion", "correct", "reward_model"} <= set(table["columns"]) and table["data"]
 
+    # The saved view that opens the methods side by side (?viewStateShareKey=alignpipe-methods), in the
+    # envelope the MLflow UI reads (name, createdAt, state), its filter run through MLflow's own parser.
+    view = json.loads(exp.tags["mlflow.sharedViewState.alignpipe-methods"])
+    assert isinstance(view["name"], str) and isinstance(view["createdAt"], int)
+    state = json.loads(view["state"])
+    shown = client.search_runs([exp.experiment_id], state["searchFilter"], max_results=500)
+    assert {r.info.run_id for r in shown} == {r.info.run_id for r in runs if r.data.tags.get("alignpipe.kind") == "summary"}
+    assert state["selectedColumns"][:2] == ["tags.`method`", "params.`seed`"]
+    assert "metrics.`eval/accuracy`" in state["selectedColumns"] and state["orderByKey"] == "metrics.`eval/accuracy`"
+    assert all(f"metrics.`{k}`" in state["selectedColumns"] for k in dpo.data.metrics)  # every summary metric shown
+
 
 def test_a_code_change_reruns_only_the_stages_that_run_that_code(ws):
     """dvc.yaml lists each stage's own code (test_code_deps): a fix in the MLflow logging reruns

@@ -7,7 +7,8 @@ call ever blocks a training step (against a remote tracking server each one is a
 A pipeline run is one parent run; each stage is a nested run tagged with its stage, method (the stage's
 name where it has no method: every run has one), git commit and the DVC hashes of its deps. compare adds
 one summary run per policy (tag alignpipe.kind = summary): the method's params, its evaluation and its
-cost in one row, so the runs table filtered to summaries compares the methods at a glance. evaluate
+cost in one row, and saves the experiment's view METHODS_VIEW: the runs table filtered to those rows
+with their key metrics as columns, the methods side by side in one step (methods_view_url). evaluate
 logs its greedy replies as an MLflow table (samples.json). The experiment is tagged as model training
 (mlflow.experimentKind), so the UI opens on its runs, not on GenAI traces. The parent is:
   - ALIGNPIPE_PARENT_RUN_ID when set (the Prefect flow sets it), else
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -47,6 +49,7 @@ class NullTracker:
     def set_tags(self, tags: dict) -> None: ...
     def log_table(self, rows: list[dict], name: str) -> None: ...
     def summary(self, name: str, params: dict, metrics: dict) -> None: ...
+    def methods_view(self, metrics: list[str]) -> None: ...
 
 
 class MlflowTracker:
@@ -92,6 +95,25 @@ class MlflowTracker:
         other.log_metrics(metrics)
         self.client.set_terminated(other.run_id, "FINISHED")
 
+    def methods_view(self, metrics: list[str]) -> None:
+        """The experiment's saved runs-table view METHODS_VIEW (MLflow ≥ 3.15 keeps a saved view as the
+        experiment tag mlflow.sharedViewState.<id>, listed under Views and opened by methods_view_url): the
+        summary runs, one row per method, its method, seed and `metrics` as columns, best first."""
+        exp_id = self.client.get_run(self.run_id).info.experiment_id
+        columns = ["tags.`method`", "params.`seed`", *(f"metrics.`{k}`" for k in metrics)]
+        state = json.dumps({"searchFilter": SUMMARY_FILTER, "orderByKey": f"metrics.`{metrics[0]}`",
+                            "orderByAsc": False, "selectedColumns": columns, "columnOrder": columns})
+        key = VIEW_TAG_PREFIX + METHODS_VIEW
+        try:
+            old = json.loads(self.client.get_experiment(exp_id).tags[key])
+            if old["state"] == state:
+                return  # unchanged: kept with the time it was made
+        except (KeyError, ValueError, TypeError):
+            pass
+        now = int(time.time() * 1000)
+        self.client.set_experiment_tag(exp_id, key, json.dumps({"name": "alignpipe: the methods side by side",
+                                                                "createdAt": now, "updatedAt": now, "state": state}))
+
 
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -120,10 +142,21 @@ def client_and_experiment(root: str | Path | None = None):
     return client, exp_id
 
 
+SUMMARY_FILTER = "tags.`alignpipe.kind` = 'summary'"
+METHODS_VIEW = "alignpipe-methods"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+
+
+def methods_view_url(ui: str, exp_id: str) -> str:
+    """The runs table as METHODS_VIEW shows it, in the MLflow UI at `ui`."""
+    return f"{ui.rstrip('/')}/#/experiments/{exp_id}/runs?viewStateShareKey={METHODS_VIEW}"
+
+
 EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",  # the UI's model-training view, not GenAI traces
-    "mlflow.note.content": "alignpipe: one parent run per pipeline run, a nested run per stage; filter "
-                           "`tags.alignpipe.kind = 'summary'` for one row per method (params, evaluation, cost).",
+    "mlflow.note.content": "alignpipe: one parent run per pipeline run, a nested run per stage. Views → "
+                           "\"alignpipe: the methods side by side\" (or filter `tags.`alignpipe.kind` = 'summary'`) "
+                           "gives one row per method: its params, evaluation and cost.",
 }
 
 
@@ -176,6 +209,9 @@ class BackgroundTracker:
         """A summary run for policy `name` beside this stage's run: its params, evaluation and cost."""
         self._send("summary", name=name, params=flatten(params),
                    metrics={k: float(v) for k, v in metrics.items() if v is not None})
+
+    def methods_view(self, metrics: list[str]) -> None:
+        self._send("view", metrics=list(metrics))
 
     def close(self, status: str) -> None:
         self._send("end", status=status)
@@ -248,15 +284,19 @@ OPS = {
     "tags": lambda tr, m: tr.set_tags(m["tags"]),
     "table": lambda tr, m: tr.log_table(m["rows"], m["name"]),
     "summary": lambda tr, m: tr.summary(m["name"], m["params"], m["metrics"]),
+    "view": lambda tr, m: tr.methods_view(m["metrics"]),
 }
 
 
 def worker() -> None:
     """The worker: apply the JSON lines on stdin to one MLflow run. A stage that dies without saying
-    "end" leaves its run FAILED."""
+    "end" leaves its run FAILED; one that ends before its first call (bad params) leaves the store untouched."""
+    first = sys.stdin.readline()
+    if not first:
+        return
     client, exp_id = client_and_experiment()
     tracker, status = None, "FAILED"
-    for line in sys.stdin:
+    for line in itertools.chain([first], sys.stdin):  # lazily: each call lands as it comes
         msg = json.loads(line)
         op = msg.pop("op")
         if op == "start":
