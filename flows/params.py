@@ -27,6 +27,19 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
     return out
 
 
+MISSING = object()
+
+
+def get(path: str | Path, key: str) -> Any:
+    """The value of a dotted key in a params file (MISSING when it is not there)."""
+    node: Any = yaml.safe_load(Path(path).read_text()) or {}
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return MISSING
+        node = node[part]
+    return node
+
+
 def apply(path: str | Path, changes: dict[str, Any]) -> None:
     """Set dotted keys in a params file (comments and order kept), validate, write atomically."""
     from ruamel.yaml import YAML

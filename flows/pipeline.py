@@ -26,7 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows import params as params_edit
-from flows.repro import preflight
+from flows.repro import preflight, venv_path
 
 
 def stage_order(repo: Path) -> list[tuple[str, list[str]]]:
@@ -97,14 +97,14 @@ def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: d
                                    {"entry": "prefect", "prefect.flow_run_id": flow_run, **_prefect_link(flow_run),
                                     **(tags or {})}, root=repo)
     # DVC runs stages as `python -m stages.<name>`: this interpreter's environment must come first.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "ALIGNPIPE_PARENT_RUN_ID": parent}
+    env = {**os.environ, "PATH": venv_path(), "ALIGNPIPE_PARENT_RUN_ID": parent}
     env.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(repo))
     results, states = [], {}
     try:
         client, exp_id = tracking.client_and_experiment(repo)
         mlflow_ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
-        create_link_artifact(f"{mlflow_ui}/#/experiments/{exp_id}/runs/{parent}", link_text="this run in MLflow",
+        create_link_artifact(f"{mlflow_ui}/#/experiments/{exp_id}/runs/{parent}?{tracking.TRAINING_MODE}",
+                             link_text="this run in MLflow",
                              key="mlflow-run", description="The MLflow parent run of this flow run (its stages nested)")
         create_link_artifact(tracking.methods_view_url(mlflow_ui, exp_id), link_text="the methods side by side",
                              key="mlflow-methods", description="MLflow's runs table, one row per method and seed "
@@ -133,7 +133,8 @@ def set_params(repo: Path, methods: list[str] | None, overrides: dict | None):
     changes = dict(overrides or {})
     if methods:
         changes["align.methods"] = list(methods)
-    if changes:
+    changes = {k: v for k, v in changes.items() if params_edit.get(repo / "params.yaml", k) != v}
+    if changes:  # only what differs: a run that changes nothing leaves the file (its layout, comments) as it is
         params_edit.apply(repo / "params.yaml", changes)
     return preflight(repo)
 

@@ -5,8 +5,8 @@
 1. params.yaml is read against the params schema before DVC reads it. DVC expands `align.methods`
    into stages when it loads dvc.yaml, before any stage (the `check` stage included) can run, so
    `align.methods: dpo` (a string) would otherwise fail as DVC's "'Value' object is not iterable".
-2. A `.dvc/tmp/rwlock` half-written by a killed `dvc repro` is removed, when no DVC command holds
-   the repo (see recover_dvc_lock).
+2. A `.dvc/tmp/rwlock` half-written by a killed `dvc repro` is removed (never one a live DVC command
+   is writing: see recover_dvc_lock).
 Then it is `dvc repro` with the arguments given, run by this interpreter's DVC, with this
 interpreter's environment first on PATH (DVC runs the stages as `python -m stages.<name>`).
 Bad params: one line on stderr, exit 2, nothing run.
@@ -31,31 +31,44 @@ def preflight(repo: Path):
 
 def recover_dvc_lock(repo: Path) -> bool:
     """A `dvc repro` killed while it rewrote .dvc/tmp/rwlock can leave that file half-written, and every
-    later repro then fails ("JSON structure is corrupted") until it is removed by hand. Remove it when it
-    is unreadable and no DVC command holds this repo's lock (a running one always does, and a killed
-    one's lock dies with it), so it was left by a dead run → whether it was removed. A readable rwlock
-    is DVC's own business: it drops the entries of dead processes itself."""
+    later repro then fails ("JSON structure is corrupted") until it is removed by hand. DVC writes that
+    file only while it holds .dvc/tmp/rwlock.lock, so a file still unreadable once we hold that guard was
+    left by a dead writer: remove it → whether it was removed. A guard held by a live DVC command is left
+    alone (it is mid-write). A readable rwlock is DVC's own business: it drops dead processes' entries."""
     from dvc.lock import LockError, make_lock
 
     rwlock = repo / ".dvc" / "tmp" / "rwlock"
+    if _readable(rwlock):
+        return False
+    guard = make_lock(str(rwlock.parent / "rwlock.lock"), tmp_dir=str(rwlock.parent), friendly=False)
+    try:
+        guard.lock()
+    except LockError:
+        return False  # a live DVC command is editing it: not ours to touch
+    try:
+        if _readable(rwlock):  # finished by a live writer between the two reads
+            return False
+        rwlock.unlink()
+    finally:
+        guard.unlock()
+    print(f"removed {rwlock.relative_to(repo)}: half-written by a killed dvc run", flush=True)
+    return True
+
+
+def _readable(rwlock: Path) -> bool:
+    """Whether DVC can read the rwlock (a missing one counts: DVC starts a new one)."""
     try:
         json.loads(rwlock.read_text())
-        return False
     except FileNotFoundError:
-        return False
+        return True
     except ValueError:
-        pass
-    lock = make_lock(str(rwlock.parent / "lock"), tmp_dir=str(rwlock.parent), friendly=False)
-    try:
-        lock.lock()
-    except LockError:
-        return False  # a live DVC command in this repo: not ours to touch
-    try:
-        rwlock.unlink(missing_ok=True)
-    finally:
-        lock.unlock()
-    print(f"removed {rwlock.relative_to(repo)}: half-written by a killed dvc run, no DVC command holds the repo")
+        return False
     return True
+
+
+def venv_path() -> str:
+    """PATH with this interpreter's directory first: DVC runs the stages as `python -m stages.<name>`."""
+    return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,7 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     except params_edit.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    except OSError as e:  # no params.yaml here: not the project's root
+        print(f"error: {e.filename}: {e.strerror} (run it in the project's root)", file=sys.stderr)
+        sys.exit(2)
+    os.environ["PATH"] = venv_path()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, "-m", "dvc", "repro", *argv])
 
 

@@ -121,22 +121,22 @@ def hacking_table(runs: dict, seeds: list[int]) -> tuple[str, dict]:
         probes = [[r["probe/accuracy"] for r in runs[cond][s]["grpo"]["curve"] if "probe/accuracy" in r] for s in seeds]
         return None if not all(probes) else [max(p) - p[-1] for p in probes]
 
-    out = {label: {"rm_rise": estimate(rise(cond, "eval/reward_mean")), "accuracy_rise": estimate(rise(cond, ACC)),
-                   "probe_fall": estimate(fall(cond))}
-           for label, cond in (("verifier", "main"), ("reward model", "rm-reward"))}
+    conds = (("verifier", "main"), ("reward model", "rm-reward"))
+    rises = {label: (rise(cond, "eval/reward_mean"), rise(cond, ACC)) for label, cond in conds}  # per seed
+    out = {label: {"rm_rise": estimate(rises[label][0]), "accuracy_rise": estimate(rises[label][1]),
+                   "probe_fall": estimate(fall(cond))} for label, cond in conds}
     lines = ["| GRPO rewarded by | RM score rise over SFT (std units) | accuracy rise over SFT | "
              "probe accuracy, peak − last |", "|---|---:|---:|---:|"]
     for label, e in out.items():
         lines.append(f"| {label} | {cell(e['rm_rise'], '{:+.3f}')} | {cell(e['accuracy_rise'], '{:+.1%}')} | "
                      f"{cell(e['probe_fall'], '{:.1%}')} |")
-    rises = {c: (rise(c, "eval/reward_mean"), rise(c, ACC)) for c in ("rm-reward", "main")}
     lines += ["", "Per seed (held-out prompts; the hacking gap is the RM score rising while accuracy does not):", "",
               "| seed | by RM: RM rise | by RM: accuracy rise | by verifier: RM rise | by verifier: accuracy rise |",
               "|---:|---:|---:|---:|---:|"]
     for i, seed in enumerate(seeds):
-        vals = [("n/a" if rm is None else f"{rm[i]:+.3f}", "n/a" if acc is None else f"{100 * acc[i]:+.1f} pts")
-                for rm, acc in rises.values()]
-        vals = [v for pair in vals for v in pair]
+        vals = [v for label in ("reward model", "verifier") for v in (
+            "n/a" if rises[label][0] is None else f"{rises[label][0][i]:+.3f}",
+            "n/a" if rises[label][1] is None else f"{100 * rises[label][1][i]:+.1f} pts")]
         lines.append(f"| {seed} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n", out
 
@@ -257,15 +257,16 @@ def plots(out: Path, runs: dict, seeds: list[int], methods: list[str], est: dict
         ax.legend()
         save(fig, "noise.png")
     if hacking_conds:
-        hacking_plot(out, runs, seeds, plt, save)
+        hacking_plot(runs, seeds, plt, save)
 
 
-def hacking_plot(out: Path, runs: dict, seeds: list[int], plt, save) -> None:
+def hacking_plot(runs: dict, seeds: list[int], plt, save) -> None:
     """hacking.png: over GRPO training, per seed, the rollouts' reward-model score (GRPO rewarded by the
-    reward model) and their verifier accuracy (rewarded by either), each as a rise since the first step
-    (a moving average over 5 logged steps): a hacking gap is the first rising while the second does not."""
-    def smooth(xs: list[float], k: int = 5) -> list[float]:
-        return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
+    reward model) and their verifier accuracy (rewarded by either), each a moving average over 5 logged
+    steps, as a rise over the mean of the first 5: a hacking gap is the first rising while the second does not."""
+    def rise(xs: list[float], k: int = 5) -> list[float]:
+        base = sum(xs[:k]) / len(xs[:k])
+        return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) - base for i in range(len(xs))]
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for i, seed in enumerate(seeds):
@@ -276,10 +277,9 @@ def hacking_plot(out: Path, runs: dict, seeds: list[int], plt, save) -> None:
                 continue
             steps = [r["step"] for r in curve]
             if cond == "rm-reward":
-                rm = smooth([r["rollout/reward_mean"] for r in curve])
-                axes[0].plot(steps, [v - rm[0] for v in rm], style, color=color, label=f"seed {seed}")
-            acc = smooth([r["rollout/accuracy"] for r in curve])
-            axes[1].plot(steps, [100 * (v - acc[0]) for v in acc], style, color=color,
+                axes[0].plot(steps, rise([r["rollout/reward_mean"] for r in curve]), style, color=color,
+                             label=f"seed {seed}")
+            axes[1].plot(steps, [100 * v for v in rise([r["rollout/accuracy"] for r in curve])], style, color=color,
                          label=f"seed {seed}, by {label}")
     axes[0].set_ylabel("RM score rise (std units)")
     axes[0].set_title("GRPO rewarded by the reward model", fontsize=9)

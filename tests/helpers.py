@@ -7,14 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flows.repro import venv_path
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "params.smoke.yaml"
 
 
 def env(**extra) -> dict:
     """The environment a stage sees: this venv first on PATH (DVC runs `python -m stages.…`)."""
-    e = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-         "PYTHONPATH": str(ROOT), "ALIGNPIPE_TRACKING": "off"}
+    e = {**os.environ, "PATH": venv_path(), "PYTHONPATH": str(ROOT), "ALIGNPIPE_TRACKING": "off"}
     e.update({k: str(v) for k, v in extra.items()})
     return e
 

@@ -49,19 +49,21 @@ def test_missing_sources_are_one_line_errors(tmp_path):
     assert "\n" not in str(e.value) and "could not load" in str(e.value)
 
 
-def test_a_json_file_of_one_object_is_refused_and_a_list_of_rows_is_read(tmp_path):
-    """One object (columns of lists, or a single row) would be read as one row: say what a .json must hold."""
+def test_a_json_object_of_columns_is_refused_and_rows_are_read(tmp_path):
+    """One object of columns would be read as one row of lists: say what a .json must hold. One object of
+    plain values (or of a conversation) is a one-row file, and a list or JSON Lines is rows."""
     f = tmp_path / "e.json"
-    for one in ({"prompt": ["1+2=", "2+2="], "answer": ["3", "4"]}, {"prompt": "1+2=", "answer": "3"}):
-        f.write_text(json.dumps(one))
-        with pytest.raises(ConfigError, match=r"^data.eval: .*e.json: holds one JSON object, not rows; give a JSON "
-                                              r"list of row objects"):
-            data.load_rows(str(f), "data.eval")
+    f.write_text(json.dumps({"prompt": ["1+2=", "2+2="], "answer": ["3", "4"]}))
+    with pytest.raises(ConfigError, match=r"^data.eval: .*e.json: holds one JSON object of columns, which would be "
+                                          r"read as one row; give a JSON list of row objects"):
+        data.load_rows(str(f), "data.eval")
     rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "2+2=", "answer": "4"}]
-    f.write_text(json.dumps(rows))
-    assert data.load_rows(str(f), "data.eval") == rows
-    f.write_text("".join(json.dumps(r) + "\n" for r in rows))  # JSON Lines named .json: read as rows
-    assert data.load_rows(str(f), "data.eval") == rows
+    for text in (json.dumps(rows), "".join(json.dumps(r) + "\n" for r in rows), json.dumps(rows[0])):
+        f.write_text(text)
+        assert data.load_rows(str(f), "data.eval") == (rows if text != json.dumps(rows[0]) else rows[:1])
+    chat = {"prompt": [{"role": "user", "content": "1+2="}], "completion": [{"role": "assistant", "content": "3"}]}
+    f.write_text(json.dumps(chat))
+    assert data.load_rows(str(f), "data.sft") == [chat]
 
 
 @pytest.mark.parametrize("kind, row, message", [

@@ -1,5 +1,5 @@
 """What the flow does before any stage, in a real DVC repo: recover from a killed run without a manual
-step (a half-written DVC rwlock is removed, never while a DVC command holds the repo), and read params.yaml
+step (a half-written DVC rwlock is removed, never one a live DVC command is writing), and read params.yaml
 itself, so a mistake DVC would trip over first is still one line naming the key."""
 
 import subprocess
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 HOLD = """
 import sys, time
 from dvc.lock import make_lock
-lock = make_lock(sys.argv[1] + "/lock", tmp_dir=sys.argv[1], friendly=False)
+lock = make_lock(sys.argv[1] + "/rwlock.lock", tmp_dir=sys.argv[1], friendly=False)
 lock.lock()
 print("held", flush=True)
 time.sleep(120)
@@ -32,7 +32,7 @@ def test_a_corrupt_rwlock_of_a_killed_run_is_recovered_and_one_in_use_is_not(tmp
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(rwlock.parent)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert not repro.recover_dvc_lock(d) and rwlock.exists()  # a live DVC command: left alone
+        assert not repro.recover_dvc_lock(d) and rwlock.exists()  # a live DVC command is writing it: left alone
     finally:
         holder.kill()
         holder.wait()
@@ -66,3 +66,19 @@ def test_make_repro_recovers_a_stale_lock_then_runs_dvc_repro_with_its_arguments
     out = helpers.run([sys.executable, "-m", "flows.repro", "check"], d)
     assert "removed .dvc/tmp/rwlock" in out.stdout and "Running stage 'check'" in out.stdout
     assert (d / "inputs.lock.json").is_file() and not (d / "data").exists()  # only the stage asked for
+
+
+def test_a_run_that_changes_no_param_leaves_params_yaml_as_it_was(tmp_path):
+    """The command line passes the methods that run to the flow (the UI shows them): when they are the
+    file's own, params.yaml keeps its bytes (its flow-style lists, its comments); a real change is written."""
+    from flows import params as params_edit
+    from flows import pipeline
+
+    d = workspace.create(tmp_path / "ws", helpers.SMOKE)
+    params = d / "params.yaml"
+    before = params.read_text()
+    cfg = pipeline.set_params(d, ["dpo"], {"align.dpo.beta": 0.1, "seed": 0})  # the smoke file's own values
+    assert cfg.align.methods == ["dpo"] and params.read_text() == before
+    pipeline.set_params(d, ["dpo", "kto"], {})
+    assert params_edit.get(params, "align.methods") == ["dpo", "kto"] and params.read_text() != before
+    assert params_edit.get(params, "align.nope") is params_edit.MISSING

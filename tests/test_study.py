@@ -26,10 +26,11 @@ def fake_run(d, seed: int, accuracy: dict, reward: dict | None = None) -> None:
         (d / "metrics" / f"eval_{policy}.json").write_text(json.dumps(ev))
         (d / "metrics" / f"train_{policy}.json").write_text(json.dumps({"train/examples": 100, "cost/wall_s": 60}))
         with open(d / "plots" / f"train_{policy}.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, ["step", "probe/accuracy", "rollout/reward_mean", "cost/wall_s"])
+            w = csv.DictWriter(fh, ["step", "probe/accuracy", "rollout/reward_mean", "rollout/accuracy", "cost/wall_s"])
             w.writeheader()
             for step, a in ((5, acc[seed] - 0.1), (10, acc[seed])):
-                w.writerow({"step": step, "probe/accuracy": a, "rollout/reward_mean": a, "cost/wall_s": 6 * step})
+                w.writerow({"step": step, "probe/accuracy": a, "rollout/reward_mean": a, "rollout/accuracy": a,
+                            "cost/wall_s": 6 * step})
     (d / "metrics" / "pairs.json").write_text(json.dumps({"cost/tokens_generated": 1000}))
 
 
@@ -63,6 +64,7 @@ def test_the_report_states_what_the_seeds_support(tmp_path):
     assert "| dpo | 58.3% ±" in noise and "-10.0 pts" in noise  # the same 10 points lost on every seed
     hacking = md.split("## Reward hacking")[1]
     assert "| reward model | +1.600 ± 0.248 | +1.0% ±" in hacking  # the RM score soared, accuracy did not
+    assert "| 0 | +1.500 | +2.0 pts | +0.500 | +30.0 pts |" in hacking  # per seed: by the RM, then by the verifier
     for name in ("accuracy.png", "compute.png", "noise.png", "hacking.png", "study.csv"):
         assert (tmp_path / name).stat().st_size > 0
 

@@ -41,9 +41,9 @@ def load_rows(source: str, field: str) -> list[dict]:
         raise ConfigError(f"{field}: {source}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")
     if path.is_file() and path.stat().st_size == 0:
         raise ConfigError(f"{field}: {source}: the file is empty (no rows)")
-    if path.is_file() and path.suffix.lower() == ".json" and _one_object(path):
-        raise ConfigError(f"{field}: {source}: holds one JSON object, not rows; give a JSON list of row objects "
-                          "([{...}, ...]) or JSON Lines (one row object per line)")
+    if path.is_file() and path.suffix.lower() == ".json" and _columns_object(path):
+        raise ConfigError(f"{field}: {source}: holds one JSON object of columns, which would be read as one row; "
+                          "give a JSON list of row objects ([{...}, ...]) or JSON Lines (one row object per line)")
     try:
         if path.is_file():
             ds = datasets.load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
@@ -62,15 +62,17 @@ def load_rows(source: str, field: str) -> list[dict]:
     return rows
 
 
-def _one_object(path: Path) -> bool:
-    """Whether a .json file is a single JSON object (which the json loader would read as one row of lists)."""
+def _columns_object(path: Path) -> bool:
+    """Whether a .json file is one JSON object holding columns (a list that is not a chat conversation),
+    which the json loader would read as a single row of lists. One object of plain values is one row."""
     import json
 
     try:
         with open(path, encoding="utf-8") as fh:
-            return isinstance(json.load(fh), dict)
-    except (ValueError, UnicodeDecodeError):  # JSON Lines, a list, or not JSON: the loader says what it is
+            obj = json.load(fh)
+    except (ValueError, UnicodeDecodeError):  # JSON Lines, or not JSON: the loader says what it is
         return False
+    return isinstance(obj, dict) and any(isinstance(v, list) and not _is_conversation(v) for v in obj.values())
 
 
 ROLES = ("system", "user", "assistant", "tool", "developer")  # what chat templates render

@@ -104,15 +104,17 @@ class MlflowTracker:
         state = json.dumps({"searchFilter": SUMMARY_FILTER, "orderByKey": f"metrics.`{metrics[0]}`",
                             "orderByAsc": False, "selectedColumns": columns, "columnOrder": columns})
         key = VIEW_TAG_PREFIX + METHODS_VIEW
+        now = int(time.time() * 1000)
         try:
             old = json.loads(self.client.get_experiment(exp_id).tags[key])
             if old["state"] == state:
-                return  # unchanged: kept with the time it was made
+                return  # unchanged
+            created = int(old["createdAt"])
         except (KeyError, ValueError, TypeError):
-            pass
-        now = int(time.time() * 1000)
+            created = now
         self.client.set_experiment_tag(exp_id, key, json.dumps({"name": "alignpipe: the methods side by side",
-                                                                "createdAt": now, "updatedAt": now, "state": state}))
+                                                                "createdAt": created, "updatedAt": now,
+                                                                "state": state}))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -144,12 +146,14 @@ def client_and_experiment(root: str | Path | None = None):
 
 SUMMARY_FILTER = "tags.`alignpipe.kind` = 'summary'"
 METHODS_VIEW = "alignpipe-methods"
+TRAINING_MODE = "workflowType=machine_learning"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 
 
 def methods_view_url(ui: str, exp_id: str) -> str:
-    """The runs table as METHODS_VIEW shows it, in the MLflow UI at `ui`."""
-    return f"{ui.rstrip('/')}/#/experiments/{exp_id}/runs?viewStateShareKey={METHODS_VIEW}"
+    """The runs table as METHODS_VIEW shows it, in the MLflow UI at `ui`, in its model-training mode (the
+    UI's own GenAI / model-training switch, which a URL parameter sets, wins over mlflow.experimentKind)."""
+    return f"{ui.rstrip('/')}/#/experiments/{exp_id}/runs?viewStateShareKey={METHODS_VIEW}&{TRAINING_MODE}"
 
 
 EXPERIMENT_TAGS = {
@@ -291,6 +295,8 @@ OPS = {
 def worker() -> None:
     """The worker: apply the JSON lines on stdin to one MLflow run. A stage that dies without saying
     "end" leaves its run FAILED; one that ends before its first call (bad params) leaves the store untouched."""
+    from mlflow.tracking import MlflowClient  # noqa: F401  (the slow import, while the stage starts)
+
     first = sys.stdin.readline()
     if not first:
         return
