@@ -107,8 +107,9 @@ def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: d
                              link_text="this run in MLflow",
                              key="mlflow-run", description="The MLflow parent run of this flow run (its stages nested)")
         create_link_artifact(tracking.methods_view_url(mlflow_ui, exp_id), link_text="the methods side by side",
-                             key="mlflow-methods", description="MLflow's runs table, one row per method and seed "
-                                                               "(params, evaluation, cost): the saved view compare writes")
+                             key="mlflow-methods",
+                             description="MLflow's runs table, one row per method and run (params, evaluation, "
+                                         "cost): the saved view compare writes")
         for stage, needs in stage_order(repo):  # wait_for: the UI draws DVC's graph
             states[stage] = run_stage(str(repo), stage, env, wait_for=[states[n] for n in needs], return_state=True)
             results.append(states[stage].result())  # raises if the stage failed

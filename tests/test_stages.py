@@ -75,8 +75,10 @@ def test_prepare_from_local_files_and_model_dir(tmp_path, saved_model):
     ({"data.sft": "missing.jsonl"}, "error: data.sft: missing.jsonl: no such file or directory"),
     ({"data.prompts": "prompts.jsonl"}, "error: data.prompts: prompts.jsonl: no row has a reference answer "
                                         "(column 'answer', data.answer_column), which the verifier needs"),
-    ({"model.name_or_path": "broken"}, "error: model.name_or_path: broken: could not load the model (SafetensorError: "),
-    ({"model.name_or_path": "no_tokenizer"}, "error: model.name_or_path: could not load a tokenizer from 'no_tokenizer'"),
+    ({"model.name_or_path": "broken"},
+     "error: model.name_or_path: broken: could not load the model (SafetensorError: "),
+    ({"model.name_or_path": "no_tokenizer"},
+     "error: model.name_or_path: could not load a tokenizer from 'no_tokenizer'"),
 ])
 def test_prepare_rejects_bad_params_before_writing(tmp_path, saved_model, change, message):
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "1+2="}\n' * 4)  # no answer column

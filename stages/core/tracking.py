@@ -89,6 +89,8 @@ class MlflowTracker:
         parent = run.data.tags.get("mlflow.parentRunId")
         tags = {"alignpipe.kind": "summary", "method": name, "stage": "compare", "git_commit": git_commit(),
                 **({"alignpipe.pipeline_run": parent} if parent else {})}
+        if parent:  # a study's condition and seed, so its summaries can be told apart and filtered
+            tags.update({k: v for k, v in self.client.get_run(parent).data.tags.items() if k.startswith("study.")})
         other = MlflowTracker(self.client, self.client.create_run(run.info.experiment_id, run_name=f"summary@{name}",
                                                                   tags=tags).info.run_id)
         other.log_params(params)
@@ -100,7 +102,7 @@ class MlflowTracker:
         experiment tag mlflow.sharedViewState.<id>, listed under Views and opened by methods_view_url): the
         summary runs, one row per method, its method, seed and `metrics` as columns, best first."""
         exp_id = self.client.get_run(self.run_id).info.experiment_id
-        columns = ["tags.`method`", "params.`seed`", *(f"metrics.`{k}`" for k in metrics)]
+        columns = ["tags.`method`", "params.`seed`", "tags.`study.condition`", *(f"metrics.`{k}`" for k in metrics)]
         state = json.dumps({"searchFilter": SUMMARY_FILTER, "orderByKey": f"metrics.`{metrics[0]}`",
                             "orderByAsc": False, "selectedColumns": columns, "columnOrder": columns})
         key = VIEW_TAG_PREFIX + METHODS_VIEW
