@@ -30,9 +30,9 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
 MISSING = object()
 
 
-def get(path: str | Path, key: str) -> Any:
-    """The value of a dotted key in a params file (MISSING when it is not there)."""
-    node: Any = yaml.safe_load(Path(path).read_text()) or {}
+def get(doc: dict, key: str) -> Any:
+    """The value of a dotted key in a loaded params document (MISSING when it is not there)."""
+    node: Any = doc
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             return MISSING

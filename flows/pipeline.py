@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
@@ -134,7 +135,8 @@ def set_params(repo: Path, methods: list[str] | None, overrides: dict | None):
     changes = dict(overrides or {})
     if methods:
         changes["align.methods"] = list(methods)
-    changes = {k: v for k, v in changes.items() if params_edit.get(repo / "params.yaml", k) != v}
+    current = yaml.safe_load((repo / "params.yaml").read_text()) or {}
+    changes = {k: v for k, v in changes.items() if params_edit.get(current, k) != v}
     if changes:  # only what differs: a run that changes nothing leaves the file (its layout, comments) as it is
         params_edit.apply(repo / "params.yaml", changes)
     return preflight(repo)
