@@ -3,7 +3,9 @@ and between methods, the noisy-preference and reward-hacking experiments, the se
 table with our measured values in its cells, plots, and a reading of what the numbers support.
 
     write(out, seeds, plan, seconds) reads <out>/runs/<condition>/seed_<n>/{metrics,plots} (flows.study)
-    and writes <out>/report.md, study.json, study.csv, accuracy.png, compute.png, noise.png, hacking.png.
+    and writes <out>/report.md, study.json, study.csv, accuracy.png, compute.png, noise.png, hacking.png,
+    and the headline numbers as DVC reads them: metrics.json and methods.csv (dvc.yaml's top-level
+    `metrics` and `plots` name them under study/, the default <out>: `dvc metrics show`, `dvc plots show`).
 
 Statistics: stages/core/stats.py (Student-t intervals; paired t-tests over seeds; Holm's correction).
 """
@@ -333,10 +335,30 @@ def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], second
         "vs_sft": {m: _diff(d) for m, d in vs_sft.items()},
         "pairwise": {f"{a} - {b}": _diff(d) for (a, b), d in pairwise.items()},
     })
+    dvc_sources(out, len(seeds), est, vs_sft, noise, hacking)
     io.write_csv(out / "study.csv", [{"condition": c, "seed": s, "policy": p, "metric": k, "value": v}
                                      for c in runs for s in seeds for p, r in runs[c][s].items() if p != "pairs"
                                      for k, v in r.items() if isinstance(v, (int, float)) and k != "curve"])
     return md
+
+
+def dvc_sources(out: Path, n: int, est: dict, vs_sft: dict, noise: dict, hacking: dict | None) -> None:
+    """metrics.json: accuracy per policy (mean and 95% interval), each method's paired difference from
+    SFT with its Holm p, accuracy per share of flipped pairs, the hacking rises; methods.csv: a row per
+    policy (the bar plot). Flat numbers only: `dvc metrics show/diff` makes a column of each."""
+    def ci(e: stats.Estimate | None) -> dict | None:
+        return None if e is None else {"mean": e.mean, "low": e.low, "high": e.high}
+
+    metrics = {"seeds": n, "accuracy": {p: ci(e[ACC]) for p, e in est.items()},
+               "vs_sft": {m: None if d is None else {"mean": d.estimate.mean, "p_holm": d.p_holm}
+                          for m, d in vs_sft.items()},
+               "noise": {m: {f"{f:g}": ci(a) for f, a in e["accuracy"].items()} for m, e in noise.items()},
+               "hacking": {k.replace(" ", "_"): {name: ci(v) for name, v in e.items()}
+                           for k, e in (hacking or {}).items()}}
+    io.write_json(out / "metrics.json", metrics)
+    io.write_csv(out / "methods.csv", [{"policy": p, "accuracy": e[ACC].mean,
+                                        **({} if e[ACC].half is None else {"low": e[ACC].low, "high": e[ACC].high})}
+                                       for p, e in est.items() if e[ACC] is not None])
 
 
 def _diff(d: stats.Difference | None) -> dict | None:

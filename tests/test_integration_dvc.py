@@ -3,7 +3,6 @@ store: staleness is exactly what it should be, a no-op is fast, reverting a para
 from the run-cache, and MLflow holds one parent run per repro with the stages nested under it."""
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -92,7 +91,7 @@ def test_sft_change_reruns_everything_from_sft_and_reverting_restores(ws):
     assert digest(d / "models" / "sft") == sft_before
 
 
-def test_mlflow_has_a_parent_per_repro_with_nested_stage_runs(ws):
+def test_mlflow_has_a_parent_per_repro_with_nested_stage_runs(ws, tmp_path):
     d, extra = ws
     from mlflow.tracking import MlflowClient
 
@@ -134,7 +133,7 @@ def test_mlflow_has_a_parent_per_repro_with_nested_stage_runs(ws):
     assert dpo.data.params["beta"] == "0.1" and {"eval/accuracy", "cost/wall_s"} <= set(dpo.data.metrics)
     evals = json.loads((d / "metrics" / "eval_dpo.json").read_text())
     assert dpo.data.metrics["eval/reward_mean"] == pytest.approx(evals["eval/reward_mean"])
-    samples = client.download_artifacts(by_name["evaluate@dpo"].info.run_id, "samples.json", tempfile.mkdtemp())
+    samples = client.download_artifacts(by_name["evaluate@dpo"].info.run_id, "samples.json", str(tmp_path))
     table = json.loads(Path(samples).read_text())
     assert {"prompt", "completion", "correct", "reward_model"} <= set(table["columns"]) and table["data"]
 

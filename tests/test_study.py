@@ -3,10 +3,12 @@ DVC stages per condition and seed → DVC experiments → report) on the smoke p
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from flows import study_report
 from tests import helpers
@@ -34,7 +36,7 @@ def fake_run(d, seed: int, accuracy: dict, reward: dict | None = None) -> None:
     (d / "metrics" / "pairs.json").write_text(json.dumps({"cost/tokens_generated": 1000}))
 
 
-def test_the_report_states_what_the_seeds_support(tmp_path):
+def test_the_report_states_what_the_seeds_support(tmp_path, tmp_path_factory):
     """grpo − sft = [+0.30, +0.32, +0.31]: mean +31.0 pts, s = 1.0 pt, t = 31.0 / (1.0/√3) = 53.7 on 2 dof,
     p = 1 − 53.7/√(53.7² + 2) = 3.5e-4 → Holm (×2) 6.9e-4: better than SFT. dpo − sft = [+8, −5, +7] pts:
     mean +3.33, s = 7.23, t = 0.80, p = 0.51: not separated. The accuracy cell of grpo is its mean 86.0%
@@ -67,6 +69,23 @@ def test_the_report_states_what_the_seeds_support(tmp_path):
     assert "| 0 | +1.500 | +2.0 pts | +0.500 | +30.0 pts |" in hacking  # per seed: by the RM, then by the verifier
     for name in ("accuracy.png", "compute.png", "noise.png", "hacking.png", "study.csv"):
         assert (tmp_path / name).stat().st_size > 0
+
+    # DVC reads the headline numbers through the project's own dvc.yaml (its top-level metrics and plots).
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copytree(tmp_path, repo / "study", ignore=shutil.ignore_patterns("runs"))
+    top = yaml.safe_load((helpers.ROOT / "dvc.yaml").read_text())
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"metrics": top["metrics"], "plots": top["plots"]}))
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    helpers.dvc("init", "-q", cwd=repo)
+    shown = json.loads(helpers.dvc("metrics", "show", "--json", cwd=repo).stdout)[""]["data"]["study/metrics.json"]
+    assert shown["data"]["vs_sft"]["grpo"] == pytest.approx({"mean": 0.31, "p_holm": out["vs_sft"]["grpo"]["p_holm"]})
+    assert shown["data"]["accuracy"]["grpo"]["mean"] == pytest.approx(0.86) and shown["data"]["seeds"] == 3
+    assert shown["data"]["noise"]["dpo"]["0.4"]["mean"] == pytest.approx(0.4833, abs=1e-4)
+    plots = json.loads(helpers.dvc("plots", "show", "--json", cwd=repo).stdout)["data"]
+    bars = plots["study (mean accuracy over seeds)"][0]["content"]["data"]["values"]
+    bars = {b["policy"]: float(b["accuracy"]) for b in bars}
+    assert bars == pytest.approx({"sft": 0.55, "dpo": 0.5833, "grpo": 0.86}, abs=1e-4)
+    assert plots["study/hacking.png"][0]["type"] == "image"
 
     # A seed without a verifier accuracy (no reference answers) or probes: n/a and no test, never a guess.
     ev = tmp_path / "runs" / "main" / "seed_1" / "metrics" / "eval_dpo.json"
