@@ -62,8 +62,11 @@ smoke: setup
 real: setup
 	$(BIN)/python -m flows.real --workspace .real
 
+# Test files on TEST_WORKERS processes, each file whole on one (its module fixtures, a DVC repo or a
+# Prefect server, are built once): make test TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(BIN)/python -m bench.bench_vs_trl
