@@ -2,10 +2,10 @@
 experiments that measure the other rows of the seeds' method-selection tables, in the scratch
 workspace `.study/`; the report lands in `study/`.
 
-    python -m flows.study [--seeds 0 1 2] [--methods ...] [--noise 0.2 0.4] [--no-hacking]
+    python -m flows.study [--seeds 0 1 2 3] [--methods ...] [--noise 0.2 0.4] [--no-hacking]
                           [--params params.yaml] [--workspace .study] [--out study]
 
-Seeds, methods, noise and hacking default to params.yaml's `study` section (seeds 0 1 2, all six
+Seeds, methods, noise and hacking default to params.yaml's `study` section (seeds 0 1 2 3, all six
 methods, 20% and 40% flipped pairs, the reward-model GRPO); the options override it.
 
 A seed is a replicate of the whole chain (its own data draw, base model, SFT, reward model, pairs
