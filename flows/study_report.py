@@ -4,8 +4,8 @@ table with our measured values in its cells, plots, and a reading of what the nu
 
     write(out, seeds, plan, seconds) reads <out>/runs/<condition>/seed_<n>/{metrics,plots} (flows.study)
     and writes <out>/report.md, study.json, study.csv, accuracy.png, compute.png, noise.png, hacking.png,
-    and the headline numbers as DVC reads them: metrics.json and methods.csv (dvc.yaml's top-level
-    `metrics` and `plots` name them under study/, the default <out>: `dvc metrics show`, `dvc plots show`).
+    and the headline numbers as DVC reads them: metrics.json and methods.csv, named with the plots by
+    <out>/dvc.yaml, which DVC finds in the project (`dvc metrics show`, `dvc plots show`).
 
 Statistics: stages/core/stats.py (Student-t intervals; paired t-tests over seeds; Holm's correction).
 """
@@ -15,6 +15,8 @@ from __future__ import annotations
 import csv
 import statistics
 from pathlib import Path
+
+import yaml
 
 from stages import compare
 from stages.core import io, stats
@@ -344,18 +346,27 @@ def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], second
 
 def dvc_sources(out: Path, n: int, est: dict, vs_sft: dict, noise: dict, hacking: dict | None) -> None:
     """metrics.json: accuracy per policy (mean and 95% interval), each method's paired difference from
-    SFT with its Holm p, accuracy per share of flipped pairs, the hacking rises; methods.csv: a row per
-    policy (the bar plot). Flat numbers only: `dvc metrics show/diff` makes a column of each."""
+    SFT with its Holm p, accuracy per share of flipped pairs (flip_20: 20%), the hacking rises;
+    methods.csv: a row per policy (the bar plot). `dvc metrics show/diff` makes a column of each number;
+    a value that could not be estimated is null, and DVC leaves it out."""
     def ci(e: stats.Estimate | None) -> dict | None:
         return None if e is None else {"mean": e.mean, "low": e.low, "high": e.high}
 
     metrics = {"seeds": n, "accuracy": {p: ci(e[ACC]) for p, e in est.items()},
                "vs_sft": {m: None if d is None else {"mean": d.estimate.mean, "p_holm": d.p_holm}
                           for m, d in vs_sft.items()},
-               "noise": {m: {f"{f:g}": ci(a) for f, a in e["accuracy"].items()} for m, e in noise.items()},
+               "noise": {m: {f"flip_{round(100 * f)}": ci(a) for f, a in e["accuracy"].items()}
+                         for m, e in noise.items()},
                "hacking": {k.replace(" ", "_"): {name: ci(v) for name, v in e.items()}
                            for k, e in (hacking or {}).items()}}
     io.write_json(out / "metrics.json", metrics)
+    plots = [{"study: mean accuracy over seeds": {"template": "bar_horizontal", "x": "accuracy",
+                                                  "y": {"methods.csv": "policy"}}}]
+    plots += [name for name in ("accuracy.png", "compute.png", "noise.png", "hacking.png") if (out / name).exists()]
+    with io.atomic_file(out / "dvc.yaml") as fh:
+        fh.write("# Written by `make study` (flows/study_report.py) with the report: DVC finds this file in the\n"
+                 "# project, so `dvc metrics show` and `dvc plots show` read the study beside the pipeline.\n")
+        yaml.safe_dump({"metrics": ["metrics.json"], "plots": plots}, fh, sort_keys=False)
     io.write_csv(out / "methods.csv", [{"policy": p, "accuracy": e[ACC].mean,
                                         **({} if e[ACC].half is None else {"low": e[ACC].low, "high": e[ACC].high})}
                                        for p, e in est.items() if e[ACC] is not None])

@@ -20,7 +20,8 @@ CONTENTS = ["stages", "flows", "dvc.yaml", ".dvcignore", ".gitignore", "inputs"]
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    # `dvc init` runs before the workspace's config turns analytics off: no report daemon for it either
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed in {cwd}: {out.stderr.strip() or out.stdout.strip()}")
 

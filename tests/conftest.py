@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny tokenizer and model built in memory (no files, no network)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -8,6 +11,13 @@ os.environ.setdefault("ALIGNPIPE_TRACKING", "off")  # tests that track use their
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")  # no detached analytics daemon (and its temp file) per dvc call
+# Prefect reads its settings once, at import, so they are set before anything imports it: each test
+# process (each xdist worker) has its own Prefect home, removed at exit, never the user's ~/.prefect.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="alignpipe-prefect-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
+os.environ.update(PREFECT_HOME=_PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+os.environ.pop("PREFECT_API_URL", None)
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,11 @@
 and a process worker (how stages reach GPU workers), and through `serve`. Each DVC stage is a task run,
 the comparison table is an artifact, and MLflow gets one parent run per flow run."""
 
-import atexit
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
@@ -19,12 +16,6 @@ from flows import workspace
 from tests import helpers
 
 pytestmark = pytest.mark.integration
-
-# Prefect reads its settings once, at import: this process's must be set before anything imports it.
-_HOME = tempfile.mkdtemp(prefix="alignpipe-prefect-")
-atexit.register(shutil.rmtree, _HOME, ignore_errors=True)  # created at import, even when deselected
-os.environ.update(PREFECT_HOME=_HOME, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
-os.environ.pop("PREFECT_API_URL", None)
 
 STAGES = {"check", "prepare", "sft", "reward", "pairs", "align@dpo", "evaluate_sft", "evaluate@dpo", "compare"}
 

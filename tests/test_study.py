@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from flows import study_report
 from tests import helpers
@@ -70,19 +69,19 @@ def test_the_report_states_what_the_seeds_support(tmp_path, tmp_path_factory):
     for name in ("accuracy.png", "compute.png", "noise.png", "hacking.png", "study.csv"):
         assert (tmp_path / name).stat().st_size > 0
 
-    # DVC reads the headline numbers through the project's own dvc.yaml (its top-level metrics and plots).
+    # DVC finds the report's own dvc.yaml in the project (with its .dvcignore) and reads the headline numbers.
     repo = tmp_path_factory.mktemp("repo")
-    shutil.copytree(tmp_path, repo / "study", ignore=shutil.ignore_patterns("runs"))
-    top = yaml.safe_load((helpers.ROOT / "dvc.yaml").read_text())
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"metrics": top["metrics"], "plots": top["plots"]}))
+    shutil.copytree(tmp_path, repo / "study")
+    for name in (".dvcignore", ".gitignore"):
+        shutil.copy2(helpers.ROOT / name, repo / name)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     helpers.dvc("init", "-q", cwd=repo)
     shown = json.loads(helpers.dvc("metrics", "show", "--json", cwd=repo).stdout)[""]["data"]["study/metrics.json"]
     assert shown["data"]["vs_sft"]["grpo"] == pytest.approx({"mean": 0.31, "p_holm": out["vs_sft"]["grpo"]["p_holm"]})
     assert shown["data"]["accuracy"]["grpo"]["mean"] == pytest.approx(0.86) and shown["data"]["seeds"] == 3
-    assert shown["data"]["noise"]["dpo"]["0.4"]["mean"] == pytest.approx(0.4833, abs=1e-4)
+    assert shown["data"]["noise"]["dpo"]["flip_40"]["mean"] == pytest.approx(0.4833, abs=1e-4)
     plots = json.loads(helpers.dvc("plots", "show", "--json", cwd=repo).stdout)["data"]
-    bars = plots["study (mean accuracy over seeds)"][0]["content"]["data"]["values"]
+    bars = plots["study: mean accuracy over seeds"][0]["content"]["data"]["values"]
     bars = {b["policy"]: float(b["accuracy"]) for b in bars}
     assert bars == pytest.approx({"sft": 0.55, "dpo": 0.5833, "grpo": 0.86}, abs=1e-4)
     assert plots["study/hacking.png"][0]["type"] == "image"
