@@ -8,6 +8,7 @@ table with our measured values in its cells, plots, and a reading of what the nu
     <out>/dvc.yaml, which DVC finds in the project (`dvc metrics show`, `dvc plots show`).
 
 Statistics: stages/core/stats.py (Student-t intervals; paired t-tests over seeds; Holm's correction).
+Plots: flows/study_plots.py.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import yaml
 
+from flows import study_plots
 from stages import compare
 from stages.core import io, stats
 
-ACC = "eval/accuracy"
+ACC = study_plots.ACC  # the headline metric: the verifier's held-out accuracy
 
 
 def load(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]]) -> dict:
@@ -208,93 +210,6 @@ def reading(vs_sft: dict, pairs: dict, n: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def plots(out: Path, runs: dict, seeds: list[int], methods: list[str], est: dict, noise: dict,
-          hacking_conds: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from stages.methods import registry
-
-    def save(fig, name):
-        fig.tight_layout()
-        with io.atomic_file(out / name, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110)
-        plt.close(fig)
-
-    names = [p for p in ["sft", *methods] if est[p][ACC] is not None]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.bar(names, [est[p][ACC].mean for p in names], yerr=[est[p][ACC].half or 0 for p in names], capsize=4,
-           color=["#888" if p == "sft" else "#3a7" for p in names])
-    ax.set_ylabel(f"held-out accuracy (mean, 95% CI, {len(seeds)} seeds)")
-    save(fig, "accuracy.png")
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    for m in methods:
-        curves = [[r for r in runs["main"][s][m]["curve"] if "probe/accuracy" in r] for s in seeds]
-        k = min(len(c) for c in curves)
-        if not k:
-            continue
-        offset = sum(runs["main"][s]["pairs"].get("cost/tokens_generated", 0) for s in seeds) / len(seeds) \
-            if registry.get(m).kind == "offline" else 0.0  # offline: the pairs stage generated their data
-        for ax, key in zip(axes, ("cost/tokens_generated", "cost/wall_s")):
-            x = [sum(c[i].get(key, 0.0) for c in curves) / len(curves) + (offset if key.startswith("cost/tok") else 0)
-                 for i in range(k)]
-            ax.plot(x, [sum(c[i]["probe/accuracy"] for c in curves) / len(curves) for i in range(k)], marker="o",
-                    label=m)
-    axes[0].set_xlabel("tokens generated (offline methods: the pairs stage's)")
-    axes[1].set_xlabel("training wall time (s)")
-    for ax in axes:
-        ax.set_ylabel("probe accuracy (mean over seeds)")
-    axes[1].legend(fontsize=8)
-    save(fig, "compute.png")
-
-    if noise:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for m, e in noise.items():
-            fs = sorted(f for f, a in e["accuracy"].items() if a is not None)
-            ax.errorbar(fs, [e["accuracy"][f].mean for f in fs], yerr=[e["accuracy"][f].half or 0 for f in fs],
-                        marker="o", capsize=3, label=m)
-        ax.set_xlabel("share of pairs flipped")
-        ax.set_ylabel("held-out accuracy")
-        ax.legend()
-        save(fig, "noise.png")
-    if hacking_conds:
-        hacking_plot(runs, seeds, plt, save)
-
-
-def hacking_plot(runs: dict, seeds: list[int], plt, save) -> None:
-    """hacking.png: over GRPO training, per seed, the rollouts' reward-model score (GRPO rewarded by the
-    reward model) and their verifier accuracy (rewarded by either), each a moving average over 5 logged
-    steps, as a rise over the mean of the first 5: a hacking gap is the first rising while the second does not."""
-    def rise(xs: list[float], k: int = 5) -> list[float]:
-        base = sum(xs[:k]) / len(xs[:k])
-        return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) - base for i in range(len(xs))]
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    for i, seed in enumerate(seeds):
-        color = f"C{i % 10}"
-        for label, cond, style in (("reward model", "rm-reward", "-"), ("verifier", "main", "--")):
-            curve = [r for r in runs[cond][seed]["grpo"]["curve"] if "rollout/accuracy" in r]
-            if not curve:
-                continue
-            steps = [r["step"] for r in curve]
-            if cond == "rm-reward":
-                axes[0].plot(steps, rise([r["rollout/reward_mean"] for r in curve]), style, color=color,
-                             label=f"seed {seed}")
-            axes[1].plot(steps, [100 * v for v in rise([r["rollout/accuracy"] for r in curve])], style, color=color,
-                         label=f"seed {seed}, by {label}")
-    axes[0].set_ylabel("RM score rise (std units)")
-    axes[0].set_title("GRPO rewarded by the reward model", fontsize=9)
-    axes[1].set_ylabel("verifier accuracy rise (pts)")
-    axes[1].set_title("solid: rewarded by the RM; dashed: by the verifier", fontsize=9)
-    for ax in axes:
-        ax.set_xlabel("GRPO step (rollouts)")
-        ax.legend(fontsize=7)
-    save(fig, "hacking.png")
-
-
 def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], seconds: float,
           failed: dict[int, str] | None = None) -> str:
     """Read every run of the study's complete `seeds`, write the report and its files → the markdown.
@@ -326,7 +241,7 @@ def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], second
     if hacking_md:
         parts += ["## Reward hacking: GRPO rewarded by the reward model or by the verifier\n", hacking_md]
     md = "\n".join(parts)
-    plots(out, runs, seeds, methods, est, noise, hacking is not None)
+    study_plots.plots(out, runs, seeds, methods, est, noise, hacking is not None)
     with io.atomic_file(out / "report.md") as fh:
         fh.write(md)
     io.write_json(out / "study.json", {
@@ -360,16 +275,14 @@ def dvc_sources(out: Path, n: int, est: dict, vs_sft: dict, noise: dict, hacking
                "hacking": {k.replace(" ", "_"): {name: ci(v) for name, v in e.items()}
                            for k, e in (hacking or {}).items()}}
     io.write_json(out / "metrics.json", metrics)
-    plots = [{"study: mean accuracy over seeds": {"template": "bar_horizontal", "x": "accuracy",
+    plots = [{"study: mean accuracy over seeds": {"template": "bar_horizontal", "x": "mean",
                                                   "y": {"methods.csv": "policy"}}}]
     plots += [name for name in ("accuracy.png", "compute.png", "noise.png", "hacking.png") if (out / name).exists()]
     with io.atomic_file(out / "dvc.yaml") as fh:
         fh.write("# Written by `make study` (flows/study_report.py) with the report: DVC finds this file in the\n"
                  "# project, so `dvc metrics show` and `dvc plots show` read the study beside the pipeline.\n")
         yaml.safe_dump({"metrics": ["metrics.json"], "plots": plots}, fh, sort_keys=False)
-    io.write_csv(out / "methods.csv", [{"policy": p, "accuracy": e[ACC].mean,
-                                        **({} if e[ACC].half is None else {"low": e[ACC].low, "high": e[ACC].high})}
-                                       for p, e in est.items() if e[ACC] is not None])
+    io.write_csv(out / "methods.csv", [{"policy": p, **ci(e[ACC])} for p, e in est.items() if e[ACC] is not None])
 
 
 def _diff(d: stats.Difference | None) -> dict | None:

@@ -40,7 +40,7 @@ def test_jsonl_round_trip_and_bad_row(tmp_path):
 
 def test_csv_union_of_keys(tmp_path):
     f = tmp_path / "p.csv"
-    io.write_csv(f, [{"step": 1, "loss": 0.5}, {"step": 2, "probe": 0.25}])
+    io.write_csv(f, [{"step": 1, "loss": 0.5}, {"step": 2, "probe": 0.25, "loss": None}])
     assert f.read_text().splitlines() == ["step,loss,probe", "1,0.5,", "2,,0.25"]
 
 

@@ -139,6 +139,8 @@ def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
 
 
 def _fmt(v: Any) -> str:
+    if v is None:  # a value that could not be measured: an empty cell, as for a missing key (not "None")
+        return ""
     if isinstance(v, float):
         return f"{v:.6g}"
     return str(v)
