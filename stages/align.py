@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from stages.core import config, models, stage, tracking
+from stages.core import config, engine, models, stage, tracking
 from stages.methods import registry
 
 
@@ -28,9 +28,10 @@ def main(argv=None) -> str:
     t0 = time.perf_counter()
 
     with tracking.stage_run("align", method=args.method, params={"seed": cfg.seed, **mcfg.model_dump()},
-                            deps=[args.sft, args.pairs, args.reward]) as tr:
-        model, tok, metrics, run = method.fit(method, cfg, args, device, tr, t0)
-        metrics = {**metrics, "cost/wall_s": time.perf_counter() - t0 + run.prior_s,
+                            deps=[args.sft, args.pairs, args.reward]) as tr, \
+            engine.open_engine(cfg.generation, args.sft) as eng:
+        model, tok, metrics, run = method.fit(method, cfg, args, device, tr, t0, eng)
+        metrics = {**metrics, **(eng.stats if eng else {}), "cost/wall_s": time.perf_counter() - t0 + run.prior_s,
                    "cost/peak_mem_mb": models.peak_mem_mb(device)}
         stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, run.rows, tr,
                             run.rows[-1]["step"] if run.rows else 0, mcfg)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from stages.core import config, dist, evaluation, io, models, rewards, stage, tracking
+from stages.core import config, dist, engine, evaluation, io, models, rewards, stage, tracking
 
 
 def win_rate(scores: list[float], baseline: list[float]) -> float:
@@ -48,9 +48,10 @@ def main(argv=None) -> str:
     policy = models.load_causal_lm(args.policy, device, trainable=False)
     rm = models.load_reward_model(args.reward, device)
 
-    with tracking.stage_run("evaluate", method=args.name, deps=[args.policy, args.reward]) as tr:
+    with tracking.stage_run("evaluate", method=args.name, deps=[args.policy, args.reward]) as tr, \
+            engine.open_engine(cfg.generation, args.policy) as eng:
         with models.autocast(device):
-            greedy = evaluation.generate(policy, tok, prompt_ids, c.max_new_tokens, c.batch_size)
+            greedy = evaluation.generate(policy, tok, prompt_ids, c.max_new_tokens, c.batch_size, engine=eng)
             scores = rewards.reward_model_scores(rm, greedy.seqs, c.batch_size)  # [N]
         correct = evaluation.verifier_scores(greedy.texts, [r.get("answer") for r in rows], cfg.verifier)
         lengths = greedy.seqs.completion_mask.sum(-1).float()  # [N]
@@ -61,7 +62,7 @@ def main(argv=None) -> str:
             ref = models.load_causal_lm(args.ref, device, trainable=False)
             with models.autocast(device):
                 sampled = evaluation.generate(policy, tok, prompt_ids, c.max_new_tokens, c.batch_size, 1.0,
-                                              c.kl_samples, cfg.seed)
+                                              c.kl_samples, cfg.seed, eng)
                 kl = float(evaluation.kl_to_reference(policy, ref, sampled.seqs, c.batch_size).mean())
         else:  # the SFT policy is the reference: KL 0, and it ties with itself
             win, kl = 0.5, 0.0

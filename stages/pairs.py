@@ -19,7 +19,7 @@ import math
 import random
 import time
 
-from stages.core import config, data, dist, evaluation, io, models, rewards, stage, tracking
+from stages.core import config, data, dist, engine, evaluation, io, models, rewards, stage, tracking
 from stages.core.logprobs import batched_token_logps, sequence_logps
 
 
@@ -128,11 +128,12 @@ def main(argv=None) -> str:
     rm = models.load_reward_model(args.reward, device) if c.score.reward_model > 0 else None
 
     with tracking.stage_run("pairs", params={"seed": cfg.seed, **c.model_dump()},
-                            deps=[args.sft, args.reward, args.prompts]) as tr:
+                            deps=[args.sft, args.reward, args.prompts]) as tr, \
+            engine.open_engine(cfg.generation, args.sft) as eng:
         t_gen = time.perf_counter()
         with models.autocast(device):
             ans = evaluation.generate(policy, tok, [r["prompt_ids"] for r in prompts], c.max_new_tokens,
-                                      c.batch_size, c.temperature, k, cfg.seed)
+                                      c.batch_size, c.temperature, k, cfg.seed, eng)
         t_gen = time.perf_counter() - t_gen
         seqs, truncated = ans.seqs, ans.rollout.truncated.tolist()
         with models.autocast(device):
@@ -177,6 +178,7 @@ def main(argv=None) -> str:
             "rollout/length": n_tokens / len(samples), "perf/gen_tokens_per_sec": n_tokens / t_gen,
             "cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": models.peak_mem_mb(device),
             "cost/models_in_memory": 2 if rm is not None else 1, "cost/tokens_generated": n_tokens,
+            **(eng.stats if eng else {}),
         }
         metrics = {key: v for key, v in metrics.items() if v is not None}
         if dist.is_main():

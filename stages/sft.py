@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from functools import partial
 
-from stages.core import config, data, evaluation, io, losses, models, stage, tracking, train
+from stages.core import config, data, engine, evaluation, io, losses, models, stage, tracking, train
 from stages.core.logprobs import token_logps
 
 
@@ -45,13 +45,15 @@ def main(argv=None) -> str:
                             for part, share in train.micro_batches(idx, c.micro_batch_size, units)]])
 
     def probe_fn() -> dict:
-        return {"probe/accuracy": evaluation.probe_accuracy(model, tok, probe, probe_len, c.batch_size, cfg.verifier)}
+        return {"probe/accuracy": evaluation.probe_accuracy(model, tok, probe, probe_len, c.batch_size, cfg.verifier,
+                                                            eng)}
 
-    with tracking.stage_run("sft", params={"seed": cfg.seed, **c.model_dump()}, deps=[args.base, sft_file]) as tr:
+    with (tracking.stage_run("sft", params={"seed": cfg.seed, **c.model_dump()}, deps=[args.base, sft_file]) as tr,
+          engine.open_engine(cfg.generation, args.base) as eng):
         run = train.fit("sft", model, c, cfg.seed, tr, [sft_file, args.base], plan, steps=c.steps, device=device,
                         t0=t0, probe=probe_fn)
         metrics = {
-            **run.metrics, "cost/wall_s": time.perf_counter() - t0 + run.prior_s,
+            **run.metrics, **(eng.stats if eng else {}), "cost/wall_s": time.perf_counter() - t0 + run.prior_s,
             "cost/peak_mem_mb": models.peak_mem_mb(device), "cost/models_in_memory": 1, "cost/tokens_generated": 0,
         }
         stage.write_trained(model, tok, args.out, args.metrics, metrics, args.plots, run.rows, tr, c.steps, c)

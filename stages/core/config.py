@@ -136,6 +136,30 @@ class SandboxConfig(Section):
     """Completions tested at the same time (each its own sandbox)."""
 
 
+class GenerationConfig(Section):
+    """Which engine samples, for every stage that samples (online rollouts, pairs, evaluate, the training
+    probes): a param, so the DVC cache never hands back an artifact sampled by the other engine."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    """hf: this project's KV-cache sampler (exact, reproducible per row); vllm: vLLM in its own environment
+    (`make vllm`; ALIGNPIPE_VLLM_PYTHON names another), the trainer's weights pushed before each generation."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The vLLM engine's compute dtype. float32 samples what the trainer computes (log-probs within 1e-4);
+    bfloat16 is faster where the hardware has it, and its sampler/trainer gap is corrected by `tis`."""
+    tis: Literal["token", "sequence", "off"] = "token"
+    """Truncated importance sampling for vLLM rollouts (Yao et al. 2025, TIS): each token's policy loss is
+    weighted by min(π_trainer/π_sampler, tis_cap), per token or once per sequence (the product); off: none.
+    RLOO's loss is per sequence, so its weight always is."""
+    tis_cap: float = Field(2.0, ge=1.0)
+    """Upper cap C of the importance weight (the TIS paper and verl: 2; TRL: 3)."""
+    kv_cache_gb: float = Field(1.0, gt=0.0)
+    """Memory the vLLM engine gives its KV cache on the CPU (GiB)."""
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, lt=1.0)
+    """Share of the GPU's memory the vLLM engine may take (the trainer shares the GPU: colocated)."""
+    max_model_len: int = Field(4096, ge=16)
+    """Longest prompt + completion the engine accepts (capped by the model's max_position_embeddings)."""
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 class LoraConfig(Section):
@@ -490,6 +514,7 @@ class Params(Section):
     align: AlignConfig = AlignConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     verifier: VerifierConfig = VerifierConfig()
+    generation: GenerationConfig = GenerationConfig()
     study: StudyConfig = StudyConfig()
 
 

@@ -7,6 +7,7 @@ training stage as `probe/accuracy`; its spread over the last probes is the compa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -27,14 +28,20 @@ class Answers:
 
 
 def generate(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
-             temperature: float = 0.0, n: int = 1, seed: int | None = None) -> Answers:
-    """Sample (or, at temperature 0, greedily decode) n completions of each prompt (rollout.sample) and
-    decode them to text. In a launched stage every process calls it and samples its share of the
-    prompts; each gets all the completions back (the same ones a single process would sample)."""
+             temperature: float = 0.0, n: int = 1, seed: int | None = None, engine=None) -> Answers:
+    """Sample (or, at temperature 0, greedily decode) n completions of each prompt (rollout.sample, or
+    the vLLM `engine` after it is given the model's current weights: engine.open_engine) and decode them
+    to text. In a launched stage every process calls it and samples its share of the prompts; each gets
+    all the completions back (the same ones a single process would sample)."""
     device = next(model.parameters()).device
     mine = dist.share(len(prompt_ids))
-    r = rollout.sample(model, prompt_ids[mine], n, max_new_tokens, temperature, models.stop_ids(tok),
-                       tok.pad_token_id, batch_size, seed, mine.start * n, device)  # None for no prompts
+    if engine is None:
+        sample = partial(rollout.sample, model)
+    else:
+        engine.sync(model)
+        sample = engine.sample
+    r = sample(prompt_ids[mine], n, max_new_tokens, temperature, models.stop_ids(tok), tok.pad_token_id,
+               batch_size, seed, mine.start * n, device)  # None for no prompts
     if dist.world() > 1:  # each process sampled its share
         parts = [p for p in dist.gather(r.to("cpu") if r is not None else None) if p is not None]
         r = rollout.concat(parts, tok.pad_token_id).to(device)
@@ -61,11 +68,11 @@ def accuracy(scores: list[float | None]) -> float | None:
 
 @torch.no_grad()
 def probe_accuracy(model, tok, probe_rows: list[dict], max_new_tokens: int, batch_size: int,
-                   verifier=None) -> float | None:
+                   verifier=None, engine=None) -> float | None:
     """Greedy verifier accuracy on a fixed probe set (rows with prompt_ids and answer)."""
     if not probe_rows:
         return None
-    ans = generate(model, tok, [r["prompt_ids"] for r in probe_rows], max_new_tokens, batch_size)
+    ans = generate(model, tok, [r["prompt_ids"] for r in probe_rows], max_new_tokens, batch_size, engine=engine)
     return accuracy(verifier_scores(ans.texts, [r.get("answer") for r in probe_rows], verifier))
 
 

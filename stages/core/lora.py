@@ -87,3 +87,22 @@ def load_merged(auto_name: str, path: str, **kwargs):
         if key in saved:
             setattr(model.config, key, saved[key])
     return model
+
+
+def merged_state(model) -> dict[str, torch.Tensor]:
+    """A LoRA model's weights with each adapter folded in (W + scaling·B·A, peft's get_delta_weight), under
+    the base checkpoint's names, computed aside: the model itself is left as it is (merging in place and
+    back would round its base weights)."""
+    base = model.get_base_model()
+    state = {}
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name:
+            continue
+        state[name.replace(".base_layer.", ".")] = tensor
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                for adapter in module.active_adapters:
+                    key = f"{name}.weight"
+                    state[key] = state[key] + module.get_delta_weight(adapter)
+    return state

@@ -179,9 +179,38 @@ def token_units(mask: torch.Tensor, loss_type: str) -> list[float] | None:
     return None
 
 
+def truncated_is_weight(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, cap: float,
+                        level: str = "token") -> tuple[torch.Tensor, dict]:
+    """Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"; TRL's vllm_importance_sampling_correction, verl's rollout_is): the rollout was
+    drawn by another engine (π_sampler) than the one the loss differentiates (π_trainer, at sampling time),
+    so each token's policy loss is weighted by
+
+        token:     w_t = min(exp(logp_trainer_t − logp_sampler_t), C)
+        sequence:  w   = min(exp(Σ_t (logp_trainer_t − logp_sampler_t)), C)   (one weight for every token)
+
+    trainer_logps, sampler_logps, mask [B, T] → (weight [B, T] (sequence: [B, 1]), detached, 0 where masked
+    at token level; stats: mean |Δ log p| over the tokens, the share of weights capped, the mean weight).
+    """
+    diff = (trainer_logps.detach().float() - sampler_logps.float()) * mask  # [B, T]
+    if level == "sequence":
+        weight = torch.exp(diff.sum(-1, keepdim=True)).clamp(max=cap)  # [B, 1]
+        rows = (mask.sum(-1) > 0).float()[:, None]  # [B, 1]
+        capped = masked_mean((weight >= cap).float(), rows)
+        mean_w = masked_mean(weight, rows)
+    else:
+        weight = torch.exp(diff).clamp(max=cap) * mask  # [B, T]
+        capped = masked_mean((weight >= cap).float(), mask)
+        mean_w = masked_mean(weight, mask)
+    stats = {"rollout/sampler_logp_gap": float(masked_mean(diff.abs(), mask)), "rollout/tis_capped": float(capped),
+             "rollout/tis_weight": float(mean_w)}
+    return weight, stats
+
+
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
-              loss_type: str, max_completion_length: int | None = None, batch_tokens: float | None = None):
+              loss_type: str, max_completion_length: int | None = None, batch_tokens: float | None = None,
+              is_weight: torch.Tensor | None = None):
     """GRPO (Shao et al. 2024, arXiv 2402.03300, eq. 3) per token, then aggregated.
 
         r_t = exp(logp_θ − logp_old)
@@ -190,9 +219,13 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     logps, old_logps, ref_logps, mask [B, T]; advantages [B] → (loss, stats) with stats detached:
     clipfrac (share of tokens where clipping bound), kl (mean k3 per token).
     The KL term is the textbook k3; TRL 1.16 multiplies it by r_t by default (use_bias_correction_kl).
+    is_weight [B, T] or [B, 1]: the rollout's truncated importance weight (truncated_is_weight), which
+    multiplies the policy term, not the KL (as TRL).
     """
     ratio = torch.exp(logps - old_logps)
     per_token, clipped = clipped_surrogate(ratio, advantages[:, None], eps_low, eps_high)
+    if is_weight is not None:
+        per_token = per_token * is_weight
     kl = kl_k3(logps, ref_logps) if ref_logps is not None else torch.zeros_like(logps)
     if beta:
         per_token = per_token + beta * kl
@@ -202,21 +235,26 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
 
 
 def rloo_loss(seq_logps: torch.Tensor, old_seq_logps: torch.Tensor, advantages: torch.Tensor,
-              eps_low: float, eps_high: float):
+              eps_low: float, eps_high: float, is_weight: torch.Tensor | None = None):
     """RLOO's policy loss (Ahmadian et al. 2024, arXiv 2402.14740; TRL ≥ 0.22): a sequence-level
     clipped ratio, r_i = exp(logp_θ(y_i) − logp_old(y_i)), ℓ_i = −min(r_i A_i, clip(r_i) A_i).
 
     [B] summed log-probs and advantages → (losses [B], clipped [B] detached). The KL lives in the
-    reward (see rewards_with_kl), not in the loss.
+    reward (see rewards_with_kl), not in the loss. is_weight [B]: the sequence-level truncated importance
+    weight of a rollout from another engine (truncated_is_weight).
     """
-    return clipped_surrogate(torch.exp(seq_logps - old_seq_logps), advantages, eps_low, eps_high)
+    loss, clipped = clipped_surrogate(torch.exp(seq_logps - old_seq_logps), advantages, eps_low, eps_high)
+    return (loss * is_weight if is_weight is not None else loss), clipped
 
 
 def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    eps: float):
+                    eps: float, is_weight: torch.Tensor | None = None):
     """PPO's clipped policy loss per token (Schulman et al. 2017, eq. 7), masked mean over tokens:
-    masked_mean(max(−Â r_t, −Â clip(r_t, 1−ε, 1+ε))).  [B, T] → (loss, clipfrac)."""
+    masked_mean(max(−Â r_t, −Â clip(r_t, 1−ε, 1+ε))).  [B, T] → (loss, clipfrac). is_weight [B, T] or
+    [B, 1]: a rollout's truncated importance weight (truncated_is_weight)."""
     per_token, clipped = clipped_surrogate(torch.exp(logps - old_logps), advantages, eps, eps)
+    if is_weight is not None:
+        per_token = per_token * is_weight
     return masked_mean(per_token, mask), masked_mean(clipped, mask).item()
 
 

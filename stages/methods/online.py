@@ -33,6 +33,9 @@ class Batch:
     gen_seconds: wall time spent generating
     texts:       the N completions as text
     answers:     the N reference answers (None: none to check against)
+    tis:         the generation params when the rollout came from another engine (vLLM) and its loss is
+                 corrected by truncated importance sampling (tis_weight), else None
+    metrics:     the sampler/trainer mismatch of the batch (vLLM rollouts)
     """
 
     seqs: Sequences
@@ -45,6 +48,8 @@ class Batch:
     gen_seconds: float
     texts: list[str]
     answers: list[str | None]
+    tis: object = None
+    metrics: dict | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -72,17 +77,22 @@ def load_models(cfg, c, args, device, needs_ref: bool):
 
 
 @torch.no_grad()
-def collect(policy, ref, rm, tok, rows: list[dict], c, seed: int, device, need_old: bool, verifier=None) -> Batch:
+def collect(policy, ref, rm, tok, rows: list[dict], c, seed: int, device, need_old: bool, verifier=None,
+            engine=None, gen=None, tis_level: str | None = None) -> Batch:
     """Sample, score and measure a generation batch from the current policy (seed: names the random
     streams of its completions, rollout.sample; in a launched stage every process samples and scores its
     share and gets the whole batch back, dist.map_rows). need_old: compute the
     old log-probs with the trainer's forward pass (not the sampler's: under bf16 the KV-cache decode
-    and the full forward differ, and the ratio must be exactly 1 before the first update)."""
+    and the full forward differ, and the ratio must be exactly 1 before the first update).
+    engine: the vLLM engine (None: our sampler) with `gen` its params: the old log-probs are then always
+    computed, the sampler/trainer mismatch measured (at tis_level, default gen.tis) and, unless gen.tis
+    is off, corrected in the loss (tis_weight)."""
     k = c.num_generations
+    need_old = need_old or engine is not None
     t0 = time.perf_counter()
     with models.autocast(device):
         ans = evaluation.generate(policy, tok, [r["prompt_ids"] for r in rows], c.max_new_tokens,
-                                  c.gen_batch_size, c.temperature, k, seed)
+                                  c.gen_batch_size, c.temperature, k, seed, engine)
     gen_seconds = time.perf_counter() - t0
     seqs = ans.seqs.to(device)
     columns = rewards.group_columns(rows, k)
@@ -94,8 +104,26 @@ def collect(policy, ref, rm, tok, rows: list[dict], c, seed: int, device, need_o
         old_logps = batched_token_logps(policy, seqs, c.gen_batch_size, c.temperature) if need_old else None
     scored = ~torch.isnan(scores.total)
     mask = seqs.completion_mask.float() * scored.to(device)[:, None]
-    return Batch(seqs, mask, ans.rollout.sample_logps.to(device), old_logps, ref_logps, scores, truncated,
-                 gen_seconds, ans.texts, columns["answer"])
+    sample_logps = ans.rollout.sample_logps.to(device)
+    tis, metrics = None, None
+    if engine is not None:
+        level = tis_level or (gen.tis if gen.tis != "off" else "token")
+        _, metrics = losses.truncated_is_weight(old_logps, sample_logps, seqs.completion_mask.float(), gen.tis_cap,
+                                                level)
+        metrics = {**metrics, **engine.stats}
+        tis = gen if gen.tis != "off" else None
+    return Batch(seqs, mask, sample_logps, old_logps, ref_logps, scores, truncated, gen_seconds, ans.texts,
+                 columns["answer"], tis, metrics)
+
+
+def tis_weight(b: Batch, idx, level: str | None = None) -> torch.Tensor | None:
+    """The truncated importance weight of rows `idx` of a rollout from another engine ([b, C], or [b, 1] at
+    sequence level), None when no correction applies (our sampler, or generation.tis off)."""
+    if b.tis is None:
+        return None
+    weight, _ = losses.truncated_is_weight(b.old_logps[idx], b.sample_logps[idx], b.mask[idx], b.tis.tis_cap,
+                                           level or b.tis.tis)
+    return weight
 
 
 def zero_std_fraction(total: torch.Tensor, k: int) -> float:
@@ -116,7 +144,7 @@ def rollout_metrics(b: Batch, k: int) -> dict:
     acc = evaluation.accuracy(b.scores.verifier)
     if acc is not None:
         m["rollout/accuracy"] = acc
-    return m
+    return {**m, **(b.metrics or {})}
 
 
 def check_signal(seen: list[torch.Tensor], b: Batch, step: int, c, method: str) -> None:
@@ -138,6 +166,12 @@ def check_signal(seen: list[torch.Tensor], b: Batch, step: int, c, method: str) 
     raise stage.StageFailed(f"align@{method}: every reward of the first {c.no_signal_steps} steps was "
                             f"{float(scored[0]) if len(scored) else float('nan'):g} ({len(total)} completions), "
                             f"nothing to learn from: {cause}; e.g. {example}")
+
+
+def exact_sampler(device, engine) -> bool:
+    """Whether the sampler's log-probs must equal the trainer's (a gap is then an error): fp32 training with
+    our sampler or a float32 vLLM engine."""
+    return models.exact(device) and (engine is None or engine.dtype == "float32")
 
 
 def sampler_gap(logps: torch.Tensor, b: Batch, idx, strict: bool, tol: float = 1e-3) -> float:
@@ -175,7 +209,7 @@ def old_logps(logps, b: Batch, idx) -> torch.Tensor:
 def grpo_loss(logps, b: Batch, idx, adv, c, batch_tokens):
     ref = b.ref_logps[idx] if b.ref_logps is not None else None
     return losses.grpo_loss(logps, old_logps(logps, b, idx), ref, adv[idx], b.mask[idx], c.epsilon, c.epsilon_high,
-                            c.beta, c.loss_type, c.max_new_tokens, batch_tokens)
+                            c.beta, c.loss_type, c.max_new_tokens, batch_tokens, tis_weight(b, idx))
 
 
 def grpo_units(b: Batch, idx, c) -> list[float] | None:
@@ -184,8 +218,10 @@ def grpo_units(b: Batch, idx, c) -> list[float] | None:
 
 def rloo_loss(logps, b: Batch, idx, adv, c, batch_tokens):
     mask = b.mask[idx]
+    weight = tis_weight(b, idx, "sequence")  # its ratio and loss are per sequence
     per_seq, clipped = losses.rloo_loss(sequence_logps(logps, mask), sequence_logps(old_logps(logps, b, idx), mask),
-                                        adv[idx], c.epsilon, c.epsilon_high)
+                                        adv[idx], c.epsilon, c.epsilon_high,
+                                        weight.squeeze(-1) if weight is not None else None)
     keep = (mask.sum(-1) > 0).float()  # sequences with a reward; none at all gives 0, not NaN
     return losses.masked_mean(per_seq, keep), {"clipfrac": losses.masked_mean(clipped.float(), keep).item()}
 
@@ -202,7 +238,7 @@ def micro_split(idx: torch.Tensor, units: list[float] | None, micro_batch_size: 
     return [(torch.tensor(part, device=idx.device), 1.0 if units is None else share) for part, share in parts]
 
 
-def fit(method, cfg, args, device, tracker, t0: float):
+def fit(method, cfg, args, device, tracker, t0: float, engine=None):
     """Online RL from the SFT policy with `method` (a registry record: its advantages(batch, cfg), loss(logps,
     batch, rows, advantages, cfg, batch_tokens), units(batch, rows, cfg) and whether it needs a reference and
     the old log-probs before training; a batch used for more than one update always needs them)
@@ -219,7 +255,7 @@ def fit(method, cfg, args, device, tracker, t0: float):
         with models.autocast(device):
             logps, entropy = token_logps(policy, b.seqs.select(idx), c.temperature, with_entropy=True,
                                          chunk=c.logprob_chunk)
-        stats = {"rollout/logp_gap": sampler_gap(logps, b, idx, strict=models.exact(device))} if first else {}
+        stats = {"rollout/logp_gap": sampler_gap(logps, b, idx, strict=exact_sampler(device, engine))} if first else {}
         loss, st = loss_fn(logps.float(), b, idx, adv, c, batch_tokens)
         stats.update({"policy/clipfrac": st["clipfrac"], "policy/kl": st.get("kl"),
                       "policy/entropy": float(losses.masked_mean(entropy, b.mask[idx]))})
@@ -227,7 +263,8 @@ def fit(method, cfg, args, device, tracker, t0: float):
 
     def plan(step: int) -> train.Plan:
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
-        b = collect(policy, ref, rm, tok, rows, c, rollout.stream_seed(cfg.seed, step), device, need_old, cfg.verifier)
+        b = collect(policy, ref, rm, tok, rows, c, rollout.stream_seed(cfg.seed, step), device, need_old, cfg.verifier,
+                    engine, cfg.generation, method.tis_level)
         check_signal(seen, b, step, c, method.name)
         adv, adv_stats = advantage_fn(b, c)
         parts = torch.arange(len(b.seqs), device=device).chunk(c.minibatches)
@@ -240,7 +277,7 @@ def fit(method, cfg, args, device, tracker, t0: float):
     def probe_fn() -> dict:
         probe_len = c.probe_max_new_tokens or c.max_new_tokens
         return {"probe/accuracy": evaluation.probe_accuracy(policy, tok, probe, probe_len, c.gen_batch_size,
-                                                            cfg.verifier)}
+                                                            cfg.verifier, engine)}
 
     run = train.fit(f"align-{method.name}", policy, c, cfg.seed, tracker,
                     [args.prompts, args.sft] + ([args.reward] if rm is not None else []), plan, steps=c.steps,

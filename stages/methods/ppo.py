@@ -23,11 +23,13 @@ from stages.core.logprobs import position_ids, token_logps
 from stages.methods.online import (
     check_signal,
     collect,
+    exact_sampler,
     load_models,
     micro_split,
     read_prompts,
     rollout_metrics,
     sampler_gap,
+    tis_weight,
 )
 
 
@@ -75,7 +77,7 @@ class AdaptiveKL:
             self.coef *= 1 + error * n_samples / self.horizon
 
 
-def fit(method, cfg, args, device, tracker, t0: float):
+def fit(method, cfg, args, device, tracker, t0: float, engine=None):
     """PPO from the SFT policy → (model, tokenizer, final metrics, train.Run)."""
     c = cfg.align.method(method.name)
     prompts = read_prompts(args.prompts, c, cfg.verifier)
@@ -94,8 +96,9 @@ def fit(method, cfg, args, device, tracker, t0: float):
         with models.autocast(device):
             logps, entropy = token_logps(policy, part, c.temperature, with_entropy=True, chunk=c.logprob_chunk)
             values = token_values(value_model, part)
-        stats = {"rollout/logp_gap": sampler_gap(logps, b, idx, strict=models.exact(device))} if first else {}
-        pg_loss, clipfrac = losses.ppo_policy_loss(logps.float(), b.old_logps[idx], adv[idx], m, c.epsilon)
+        stats = {"rollout/logp_gap": sampler_gap(logps, b, idx, strict=exact_sampler(device, engine))} if first else {}
+        pg_loss, clipfrac = losses.ppo_policy_loss(logps.float(), b.old_logps[idx], adv[idx], m, c.epsilon,
+                                                   tis_weight(b, idx))
         vf_loss, vf_clipfrac = losses.ppo_value_loss(values, old_values[idx], returns[idx], m, c.cliprange_value)
         stats.update({"train/pg_loss": pg_loss.item(), "train/vf_loss": vf_loss.item(), "policy/clipfrac": clipfrac,
                       "policy/vf_clipfrac": vf_clipfrac, "policy/entropy": float(losses.masked_mean(entropy, m))})
@@ -104,7 +107,7 @@ def fit(method, cfg, args, device, tracker, t0: float):
     def plan(step: int) -> train.Plan:
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
         b = collect(policy, ref, rm, tok, rows, c, rollout.stream_seed(cfg.seed, step), device, need_old=True,
-                    verifier=cfg.verifier)
+                    verifier=cfg.verifier, engine=engine, gen=cfg.generation)
         check_signal(seen, b, step, c, method.name)
         targets = rollout_targets(b, value_model, kl_fn, kl_ctl.coef, c, device)
         kl, mask = targets[1], b.mask
@@ -120,7 +123,7 @@ def fit(method, cfg, args, device, tracker, t0: float):
     def probe_fn() -> dict:
         probe_len = c.probe_max_new_tokens or c.max_new_tokens
         return {"probe/accuracy": evaluation.probe_accuracy(policy, tok, probe, probe_len, c.gen_batch_size,
-                                                            cfg.verifier)}
+                                                            cfg.verifier, engine)}
 
     def restore(extra: dict) -> None:
         kl_ctl.coef = extra["kl_coef"]

@@ -98,7 +98,7 @@ def check_kto_weights(rows: list[dict], c) -> dict:
     return {"kto/weight_ratio": ratio}
 
 
-def fit(method, cfg, args, device, tracker, t0: float):
+def fit(method, cfg, args, device, tracker, t0: float, engine=None):
     """Train the SFT policy on the stored pairs with `method` (a registry record) → (model, tokenizer,
     final metrics, train.Run)."""
     c = cfg.align.method(method.name)
@@ -121,7 +121,8 @@ def fit(method, cfg, args, device, tracker, t0: float):
         return train.Plan([micros])
 
     def probe_fn() -> dict:
-        return {"probe/accuracy": evaluation.probe_accuracy(policy, tok, probe, probe_len, c.batch_size, cfg.verifier)}
+        return {"probe/accuracy": evaluation.probe_accuracy(policy, tok, probe, probe_len, c.batch_size, cfg.verifier,
+                                                            engine)}
 
     run = train.fit(f"align-{method.name}", policy, c, cfg.seed, tracker, [Path(args.pairs) / data_file, args.sft],
                     plan, steps=steps, device=device, t0=t0, probe=probe_fn)
