@@ -72,7 +72,7 @@ def main(argv=None) -> str:
             "eval/accuracy": evaluation.accuracy(correct), "eval/reward_mean": float(scores.mean()),
             "eval/win_rate_vs_sft": win, "eval/kl_to_ref": kl, "eval/length": float(lengths.mean()),
             "eval/n_prompts": len(rows), "eval/wall_s": time.perf_counter() - t0,
-            **{k: v for k, v in train_metrics.items() if k.startswith("cost/")},
+            **{k: v for k, v in train_metrics.items() if k.startswith("cost/")}, **(eng.stats if eng else {}),
         }
         answers = [{"prompt": r["prompt"], "answer": r.get("answer"), "completion": t, "correct": ok,
                     "reward_model": float(s)} for r, t, ok, s in zip(rows, greedy.texts, correct, scores)]
