@@ -50,7 +50,14 @@ class EngineError(RuntimeError):
 
 
 def engine_python() -> Path:
-    return Path(os.environ.get("ALIGNPIPE_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
+    """ALIGNPIPE_VLLM_PYTHON, else `.venv-vllm` beside the environment running this stage (`make vllm` makes it
+    beside `.venv`; a scratch workspace's stages run with the project's venv), else in this checkout."""
+    if os.environ.get("ALIGNPIPE_VLLM_PYTHON"):
+        return Path(os.environ["ALIGNPIPE_VLLM_PYTHON"])
+    for root in (Path(sys.prefix).parent, ROOT):
+        if (root / ".venv-vllm" / "bin" / "python").exists():
+            return root / ".venv-vllm" / "bin" / "python"
+    return ROOT / ".venv-vllm" / "bin" / "python"
 
 
 def _state(model) -> dict[str, torch.Tensor]:
