@@ -186,7 +186,8 @@ def test_a_model_the_cpu_engine_cannot_run_is_one_line():
 def upstream(tmp_path_factory):
     """The smoke chain with 32-wide heads, the vLLM engine in fp32 from pairs on."""
     d = tmp_path_factory.mktemp("engine_chain")
-    sections = {"model.embedded.hidden_size": 64, "model.embedded.num_heads": 2, "model.embedded.intermediate_size": 128}
+    sections = {"model.embedded.hidden_size": 64, "model.embedded.num_heads": 2,
+                "model.embedded.intermediate_size": 128}
     smoke_params(d / "params.yaml", **sections)
     helpers.stage("prepare", "--data-out", "data", "--model-out", "models/base", cwd=d)
     helpers.stage("sft", "--train", "data/sft.jsonl", "--probe", "data/prompts.jsonl", "--base", "models/base",
@@ -203,7 +204,8 @@ def vllm_params(d, sections, **more):
 
 def evaluate_args(out):
     return ["sft", "--eval", "data/eval.jsonl", "--policy", "models/sft", "--ref", "models/sft", "--reward",
-            "models/reward", "--train-metrics", "metrics/train_sft.json", "--out", f"{out}.json", "--answers", f"{out}.jsonl"]
+            "models/reward", "--train-metrics", "metrics/train_sft.json", "--out", f"{out}.json",
+            "--answers", f"{out}.jsonl"]
 
 
 def test_evaluate_with_the_engine_gives_the_hf_engines_greedy_answers(upstream):
