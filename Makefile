@@ -86,8 +86,13 @@ TEST_WORKERS ?= 2
 test: setup vllm
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-bench: setup
+# Our trainers against TRL's (tiny model), then the generation engines side by side on SmolLM2-135M-Instruct
+# (`make real`'s GGUF): a GRPO step and the pairs stage with our sampler and with vLLM, 3 runs each.
+bench: setup vllm
 	$(BIN)/python -m bench.bench_vs_trl
+	$(BIN)/python -m bench.bench_scale --model "$$($(BIN)/python -c 'from flows.real import fetch_gguf; print(fetch_gguf())')" \
+		--engines hf,vllm --stages grpo,pairs --cases full --repeats 3 --grpo-steps 4 --prompts-per-step 4 \
+		--num-generations 8 --max-new-tokens 32 --workspace /tmp/alignpipe-bench-engines --out bench/engines.json
 
 lint: setup
 	$(BIN)/ruff check stages flows tests bench

@@ -72,9 +72,10 @@ def build_random(arch: str, tokenizer: Path, out: Path) -> None:
             shutil.copy(tokenizer / f, out / f)
 
 
-def params(model: str, sft_steps: int, grpo_steps: int, max_new_tokens: int) -> dict:
+def params(model: str, sft_steps: int, grpo_steps: int, max_new_tokens: int, prompts_per_step: int = 8,
+           num_generations: int = 8) -> dict:
     return {
-        "pairs": {"num_samples": 8, "max_new_tokens": max_new_tokens, "max_prompts": 64, "batch_size": 64,
+        "pairs": {"num_samples": 8, "max_new_tokens": max_new_tokens, "max_prompts": 32, "batch_size": 64,
                   "score": {"reward_model": 1.0}},
         "seed": 0,
         "model": {"name_or_path": model},
@@ -82,7 +83,7 @@ def params(model: str, sft_steps: int, grpo_steps: int, max_new_tokens: int) -> 
                               "n_eval": 16}},
         "sft": {"lr": 1e-5, "batch_size": 16, "steps": sft_steps, "log_every": 1, "probes": 0},
         "align": {"methods": ["grpo"], "grpo": {
-            "lr": 1e-5, "steps": grpo_steps, "prompts_per_step": 8, "num_generations": 8,
+            "lr": 1e-5, "steps": grpo_steps, "prompts_per_step": prompts_per_step, "num_generations": num_generations,
             "max_new_tokens": max_new_tokens, "gen_batch_size": 64, "log_every": 1, "probes": 0,
             "no_signal_steps": 0, "beta": 0.04, "reward": {"reward_model": 1.0}}},
         "verifier": {"extract": "auto", "compare": "exact"},
@@ -161,6 +162,8 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=4)
     ap.add_argument("--grpo-steps", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--prompts-per-step", type=int, default=8, help="GRPO prompts per step (default 8)")
+    ap.add_argument("--num-generations", type=int, default=8, help="GRPO completions per prompt (default 8)")
     ap.add_argument("--engines", default="hf", help="generation engines, comma-separated: hf, vllm")
     ap.add_argument("--vllm-dtype", choices=["float32", "bfloat16"], help="default: bf16 where the machine has it")
     ap.add_argument("--repeats", type=int, default=1, help="runs of every case and engine, interleaved")
@@ -178,7 +181,8 @@ def main() -> None:
         source = str(ws / "src")
         build_random(a.arch, a.tokenizer, Path(source))
     (ws / "params.base.yaml").write_text(yaml.safe_dump(params(str(Path(source).resolve()), a.sft_steps, a.grpo_steps,
-                                                               a.max_new_tokens)))
+                                                               a.max_new_tokens, a.prompts_per_step,
+                                                               a.num_generations)))
     shutil.copy(ws / "params.base.yaml", ws / "params.yaml")
     t0 = time.perf_counter()
     prep = subprocess.run([sys.executable, "-m", "stages.prepare", "--data-out", "data", "--model-out", "models/base"],

@@ -259,3 +259,19 @@ def test_grpo_with_the_engine_resumes_exactly_after_a_kill(upstream):
     assert m["rollout/logp_gap"] < 1e-3 and m["rollout/sampler_logp_gap"] < 1e-4
     assert m["rollout/tis_capped"] == 0.0 and abs(m["rollout/tis_weight"] - 1) < 1e-3
     shutil.rmtree(d / ".checkpoints", ignore_errors=True)
+
+
+def test_two_processes_with_the_engine_equal_one(upstream):
+    """Launched on 2 processes, each samples its share of the rows with an engine of its own (every row its
+    own seed), so the GRPO run makes the updates 1 process makes."""
+    from tests.test_modes import TOL, max_gap
+
+    d, sections = upstream
+    vllm_params(d, sections, **{"align.grpo.steps": 3, "align.grpo.lr": 1e-3, "align.grpo.probes": 0,
+                                "align.grpo.reward": {"reward_model": 1.0}})
+    helpers.stage("align", *align_args("models/g_1p"), cwd=d, ALIGNPIPE_PROCESSES=1)
+    helpers.stage("align", *align_args("models/g_2p"), cwd=d, ALIGNPIPE_PROCESSES=2)
+    one, two = weights(d / "models" / "g_1p"), weights(d / "models" / "g_2p")
+    assert max_gap(one, two) < TOL
+    start = weights(d / "models" / "sft")
+    assert max(float((one[k] - start[k]).abs().max()) for k in one.keys() & start.keys()) > 100 * TOL  # it trained

@@ -120,3 +120,24 @@ def test_a_file_that_is_not_gguf_is_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: model.name_or_path: {bad} is not a GGUF file (no GGUF magic bytes)"
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.vllm
+def test_vllm_greedy_replies_equal_our_samplers_on_the_real_model(chain):
+    """The vLLM engine (fp32) and our sampler decode the same greedy replies of SmolLM2 (tied output head,
+    grouped-query attention, ChatML stop tokens), with the same log-probs within 1e-4."""
+    from stages.core import config, engine, models, rollout
+
+    d, _ = chain
+    sft = str(d / "models" / "sft")
+    tok = models.load_tokenizer(sft)
+    model = models.load_causal_lm(sft, torch.device("cpu"), trainable=False)
+    ids = [r["prompt_ids"] for r in rows(d / "data" / "eval.jsonl")[:4]]
+    ours = rollout.sample(model, ids, 1, 24, 0.0, models.stop_ids(tok), tok.pad_token_id, 8)
+    with engine.open_engine(config.GenerationConfig(engine="vllm", kv_cache_gb=0.5, max_model_len=512), sft) as eng:
+        eng.sync(model)
+        assert eng.stats["engine/push_logp_gap"] < 1e-4
+        theirs = eng.sample(ids, 1, 24, 0.0, models.stop_ids(tok), tok.pad_token_id)
+    assert torch.equal(ours.seqs.input_ids, theirs.seqs.input_ids)
+    assert torch.equal(ours.truncated, theirs.truncated)
+    assert ((ours.sample_logps - theirs.sample_logps).abs() * ours.seqs.completion_mask).max() < 1e-4
