@@ -102,9 +102,10 @@ class VLLMEngine:
         self.check_ids: list[int] | None = None
         self.previous_check: list[float] | None = None
         t0 = time.perf_counter()
+        gpu = torch.cuda.is_available()  # there the KV cache is what gpu_memory_utilization leaves
         self._call({"model": str(Path(model_dir).resolve()), "dtype": dtype, "seed": seed, "tied": tied,
-                    "max_model_len": max_model_len, "kv_cache_bytes": int(kv_cache_gb * 2**30),
-                    "gpu_memory_utilization": gpu_memory_utilization}, what="start")
+                    "max_model_len": max_model_len, "kv_cache_bytes": 0 if gpu else int(kv_cache_gb * 2**30),
+                    "gpu_memory_utilization": gpu_memory_utilization if gpu else 0}, what="start")
         self.stats["engine/start_s"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------ protocol
