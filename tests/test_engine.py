@@ -108,6 +108,19 @@ def test_samples_follow_the_models_distribution(tok, wide, eng):
     assert p_value(1.0) < 1e-6
 
 
+def test_a_batch_over_the_engines_token_budget_samples_every_seeded_row(tok, wide, eng):
+    """200 seeded rows of 26 prompt tokens (5,200 tokens, over vLLM's 4,096-token step on the CPU): with
+    chunked prefill a prompt split across steps made vLLM rewind a CPU generator and fail; every row is
+    sampled, and the same as when it is sampled alone."""
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(10, len(tok), (26,), generator=g).tolist() for _ in range(200)]
+    s = eng.sample(ids, 1, 4, 1.0, models.stop_ids(tok), tok.pad_token_id, seed=5)
+    assert len(s.seqs) == 200 and int(s.seqs.completion_mask.sum(-1).min()) >= 1
+    alone = eng.sample(ids[150:151], 1, 4, 1.0, models.stop_ids(tok), tok.pad_token_id, seed=5, first_row=150)
+    n = alone.seqs.completion_ids.shape[1]
+    assert torch.equal(s.seqs.completion_ids[150, :n], alone.seqs.completion_ids[0])
+
+
 def test_every_push_gives_the_engine_the_trainers_weights(tok, wide, eng):
     """AdamW steps on a model with a tied output head: after each push the engine's log-probs of a fixed
     sequence equal the trainer's (fp32, within 1e-4) and differ from the previous step's."""

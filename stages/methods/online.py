@@ -33,9 +33,9 @@ class Batch:
     gen_seconds: wall time spent generating
     texts:       the N completions as text
     answers:     the N reference answers (None: none to check against)
-    tis:         the generation params when the rollout came from another engine (vLLM) and its loss is
-                 corrected by truncated importance sampling (tis_weight), else None
-    metrics:     the sampler/trainer mismatch of the batch (vLLM rollouts)
+    engine:      the generation params when the rollout came from another engine than the trainer (vLLM):
+                 the mismatch is then measured and, unless generation.tis is off, corrected (importance)
+    metrics:     the engine's own figures (start, weight pushes)
     """
 
     seqs: Sequences
@@ -48,7 +48,7 @@ class Batch:
     gen_seconds: float
     texts: list[str]
     answers: list[str | None]
-    tis: object = None
+    engine: object = None
     metrics: dict | None = None
 
     @property
@@ -78,17 +78,15 @@ def load_models(cfg, c, args, device, needs_ref: bool):
 
 @torch.no_grad()
 def collect(policy, ref, rm, tok, rows: list[dict], c, seed: int, device, need_old: bool, verifier=None,
-            engine=None, gen=None, tis_level: str | None = None) -> Batch:
+            engine=None, gen=None) -> Batch:
     """Sample, score and measure a generation batch from the current policy (seed: names the random
     streams of its completions, rollout.sample; in a launched stage every process samples and scores its
     share and gets the whole batch back, dist.map_rows). need_old: compute the
     old log-probs with the trainer's forward pass (not the sampler's: under bf16 the KV-cache decode
     and the full forward differ, and the ratio must be exactly 1 before the first update).
-    engine: the vLLM engine (None: our sampler) with `gen` its params: the old log-probs are then always
-    computed, the sampler/trainer mismatch measured (at tis_level, default gen.tis) and, unless gen.tis
-    is off, corrected in the loss (tis_weight)."""
+    engine: the vLLM engine (None: our sampler) with `gen` its params (the loss then measures and corrects
+    the sampler/trainer mismatch: importance)."""
     k = c.num_generations
-    need_old = need_old or engine is not None
     t0 = time.perf_counter()
     with models.autocast(device):
         ans = evaluation.generate(policy, tok, [r["prompt_ids"] for r in rows], c.max_new_tokens,
@@ -104,26 +102,24 @@ def collect(policy, ref, rm, tok, rows: list[dict], c, seed: int, device, need_o
         old_logps = batched_token_logps(policy, seqs, c.gen_batch_size, c.temperature) if need_old else None
     scored = ~torch.isnan(scores.total)
     mask = seqs.completion_mask.float() * scored.to(device)[:, None]
-    sample_logps = ans.rollout.sample_logps.to(device)
-    tis, metrics = None, None
-    if engine is not None:
-        level = tis_level or (gen.tis if gen.tis != "off" else "token")
-        _, metrics = losses.truncated_is_weight(old_logps, sample_logps, seqs.completion_mask.float(), gen.tis_cap,
-                                                level)
-        metrics = {**metrics, **engine.stats}
-        tis = gen if gen.tis != "off" else None
-    return Batch(seqs, mask, sample_logps, old_logps, ref_logps, scores, truncated, gen_seconds, ans.texts,
-                 columns["answer"], tis, metrics)
+    return Batch(seqs, mask, ans.rollout.sample_logps.to(device), old_logps, ref_logps, scores, truncated,
+                 gen_seconds, ans.texts, columns["answer"], gen if engine is not None else None,
+                 dict(engine.stats) if engine is not None else None)
 
 
-def tis_weight(b: Batch, idx, level: str | None = None) -> torch.Tensor | None:
-    """The truncated importance weight of rows `idx` of a rollout from another engine ([b, C], or [b, 1] at
-    sequence level), None when no correction applies (our sampler, or generation.tis off)."""
-    if b.tis is None:
-        return None
-    weight, _ = losses.truncated_is_weight(b.old_logps[idx], b.sample_logps[idx], b.mask[idx], b.tis.tis_cap,
-                                           level or b.tis.tis)
-    return weight
+def importance(logps, b: Batch, idx, level: str | None = None) -> tuple[torch.Tensor | None, dict]:
+    """The truncated importance weight of rows `idx` of a rollout from vLLM ([b, C], or [b, 1] at sequence
+    level; None with our sampler or generation.tis off) and the mismatch (rollout/sampler_logp_gap, the
+    share of capped weights, the mean weight). The trainer's side is its log-probs at sampling time: the
+    stored old ones, or, when the batch feeds one update, the current ones detached (the same weights, so
+    no extra forward pass is spent on them). level: the method's own (RLOO: sequence), else generation.tis."""
+    if b.engine is None:
+        return None, {}
+    gen = b.engine
+    level = level or (gen.tis if gen.tis != "off" else "token")
+    weight, stats = losses.truncated_is_weight(old_logps(logps, b, idx), b.sample_logps[idx], b.mask[idx],
+                                               gen.tis_cap, level)
+    return (weight if gen.tis != "off" else None), stats
 
 
 def zero_std_fraction(total: torch.Tensor, k: int) -> float:
@@ -208,8 +204,10 @@ def old_logps(logps, b: Batch, idx) -> torch.Tensor:
 
 def grpo_loss(logps, b: Batch, idx, adv, c, batch_tokens):
     ref = b.ref_logps[idx] if b.ref_logps is not None else None
-    return losses.grpo_loss(logps, old_logps(logps, b, idx), ref, adv[idx], b.mask[idx], c.epsilon, c.epsilon_high,
-                            c.beta, c.loss_type, c.max_new_tokens, batch_tokens, tis_weight(b, idx))
+    weight, mismatch = importance(logps, b, idx)
+    loss, stats = losses.grpo_loss(logps, old_logps(logps, b, idx), ref, adv[idx], b.mask[idx], c.epsilon,
+                                   c.epsilon_high, c.beta, c.loss_type, c.max_new_tokens, batch_tokens, weight)
+    return loss, {**stats, **mismatch}
 
 
 def grpo_units(b: Batch, idx, c) -> list[float] | None:
@@ -218,12 +216,12 @@ def grpo_units(b: Batch, idx, c) -> list[float] | None:
 
 def rloo_loss(logps, b: Batch, idx, adv, c, batch_tokens):
     mask = b.mask[idx]
-    weight = tis_weight(b, idx, "sequence")  # its ratio and loss are per sequence
+    weight, mismatch = importance(logps, b, idx, "sequence")  # its ratio and loss are per sequence
     per_seq, clipped = losses.rloo_loss(sequence_logps(logps, mask), sequence_logps(old_logps(logps, b, idx), mask),
                                         adv[idx], c.epsilon, c.epsilon_high,
                                         weight.squeeze(-1) if weight is not None else None)
     keep = (mask.sum(-1) > 0).float()  # sequences with a reward; none at all gives 0, not NaN
-    return losses.masked_mean(per_seq, keep), {"clipfrac": losses.masked_mean(clipped.float(), keep).item()}
+    return losses.masked_mean(per_seq, keep), {"clipfrac": losses.masked_mean(clipped.float(), keep).item(), **mismatch}
 
 
 def rloo_units(b: Batch, idx, c) -> list[float]:
@@ -258,13 +256,14 @@ def fit(method, cfg, args, device, tracker, t0: float, engine=None):
         stats = {"rollout/logp_gap": sampler_gap(logps, b, idx, strict=exact_sampler(device, engine))} if first else {}
         loss, st = loss_fn(logps.float(), b, idx, adv, c, batch_tokens)
         stats.update({"policy/clipfrac": st["clipfrac"], "policy/kl": st.get("kl"),
-                      "policy/entropy": float(losses.masked_mean(entropy, b.mask[idx]))})
+                      "policy/entropy": float(losses.masked_mean(entropy, b.mask[idx])),
+                      **{k: v for k, v in st.items() if k.startswith("rollout/")}})  # the sampler mismatch
         return loss, stats, int(b.seqs.attention_mask[idx].sum())
 
     def plan(step: int) -> train.Plan:
         rows = [prompts[i] for i in train.batch_indices(len(prompts), c.prompts_per_step, step, cfg.seed)]
         b = collect(policy, ref, rm, tok, rows, c, rollout.stream_seed(cfg.seed, step), device, need_old, cfg.verifier,
-                    engine, cfg.generation, method.tis_level)
+                    engine, cfg.generation)
         check_signal(seen, b, step, c, method.name)
         adv, adv_stats = advantage_fn(b, c)
         parts = torch.arange(len(b.seqs), device=device).chunk(c.minibatches)

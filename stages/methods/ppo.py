@@ -24,12 +24,12 @@ from stages.methods.online import (
     check_signal,
     collect,
     exact_sampler,
+    importance,
     load_models,
     micro_split,
     read_prompts,
     rollout_metrics,
     sampler_gap,
-    tis_weight,
 )
 
 
@@ -97,8 +97,9 @@ def fit(method, cfg, args, device, tracker, t0: float, engine=None):
             logps, entropy = token_logps(policy, part, c.temperature, with_entropy=True, chunk=c.logprob_chunk)
             values = token_values(value_model, part)
         stats = {"rollout/logp_gap": sampler_gap(logps, b, idx, strict=exact_sampler(device, engine))} if first else {}
-        pg_loss, clipfrac = losses.ppo_policy_loss(logps.float(), b.old_logps[idx], adv[idx], m, c.epsilon,
-                                                   tis_weight(b, idx))
+        weight, mismatch = importance(logps, b, idx)
+        pg_loss, clipfrac = losses.ppo_policy_loss(logps.float(), b.old_logps[idx], adv[idx], m, c.epsilon, weight)
+        stats.update(mismatch)
         vf_loss, vf_clipfrac = losses.ppo_value_loss(values, old_values[idx], returns[idx], m, c.cliprange_value)
         stats.update({"train/pg_loss": pg_loss.item(), "train/vf_loss": vf_loss.item(), "policy/clipfrac": clipfrac,
                       "policy/vf_clipfrac": vf_clipfrac, "policy/entropy": float(losses.masked_mean(entropy, m))})

@@ -46,9 +46,6 @@ class Method:
     """cfg → whether a reference model is held (online; offline methods read stored log-probs)."""
     needs_old_logps: Callable = _never
     """cfg → whether the old log-probs are computed before training on a batch (online)."""
-    tis_level: str | None = None
-    """online: the level of its truncated importance weight for rollouts from vLLM when its loss fixes it
-    (RLOO's ratio is per sequence); None: generation.tis decides."""
 
 
 NEEDS = {  # the pieces each training loop calls
@@ -65,8 +62,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("grpo", "online", online.fit, "prompts", advantages=online.grpo_advantages, loss=online.grpo_loss,
            units=online.grpo_units, needs_reference=lambda c: c.beta > 0),
     Method("rloo", "online", online.fit, "prompts", advantages=online.rloo_advantages, loss=online.rloo_loss,
-           units=online.rloo_units, needs_reference=lambda c: c.beta > 0, needs_old_logps=lambda c: c.beta > 0,
-           tis_level="sequence"),
+           units=online.rloo_units, needs_reference=lambda c: c.beta > 0, needs_old_logps=lambda c: c.beta > 0),
     Method("ppo", "online", ppo.fit, "prompts", needs_reference=lambda c: True, needs_old_logps=lambda c: True),
 ]}
 
