@@ -13,7 +13,7 @@ T = torch.tensor
 def test_rloo_loss_with_nothing_scored_is_zero_not_nan():
     """Every completion without a reward: the mask is all zero, the loss 0 with a (zero) gradient."""
     logps = T([[-1.0, -2.0], [-0.5, -0.5]], requires_grad=True)
-    b = SimpleNamespace(mask=torch.zeros(2, 2), old_logps=None)
+    b = SimpleNamespace(mask=torch.zeros(2, 2), old_logps=None, engine=None)
     cfg = SimpleNamespace(epsilon=0.2, epsilon_high=0.2)
     loss, stats = online.rloo_loss(logps, b, torch.arange(2), T([1.0, -1.0]), cfg, None)
     loss.backward()
@@ -25,7 +25,7 @@ def test_without_stored_old_logps_the_ratio_is_exactly_one():
     """One update per batch: the denominator is the detached current log-probs (TRL), so nothing clips
     and the gradient is A·∇logp: for A = [2] on one token, d loss / d logp = −2 (bnpo)."""
     logps = T([[-1.3]], requires_grad=True)
-    b = SimpleNamespace(old_logps=None, ref_logps=None, mask=T([[1.0]]))
+    b = SimpleNamespace(old_logps=None, ref_logps=None, mask=T([[1.0]]), engine=None)
     assert online.old_logps(logps, b, [0]).requires_grad is False
     cfg = SimpleNamespace(epsilon=0.2, epsilon_high=0.2, beta=0.0, loss_type="bnpo", max_new_tokens=1)
     loss, stats = online.grpo_loss(logps, b, [0], T([2.0]), cfg, 1.0)
