@@ -92,7 +92,9 @@ def test_a_lora_adapter_saved_alone_under_fsdp_equals_one_process(upstream):  # 
         shutil.copy(helpers.SMOKE, d / "params.yaml")
     one, two = (load_file(str(d / f"models/sft_adapter_{n}p" / "adapter_model.safetensors")) for n in (1, 2))
     assert one and all("lora_" in k for k in one)  # the adapter alone
-    assert max_gap(one, two) < TOL
+    # 2.5 TOL: on an AVX2-only CPU (AMD EPYC, no AVX-512) the gap was 2.7e-5, at the commit before the
+    # generation engines too (the kernels' summation order differs by CPU); a wrong adapter is off by far more
+    assert max_gap(one, two) < 2.5 * TOL
     assert json.loads((d / "models/sft_adapter_2p/adapter_config.json").read_text())["r"] == 4
 
 
