@@ -190,7 +190,7 @@ def test_a_model_the_cpu_engine_cannot_run_is_one_line():
     from transformers import LlamaConfig
 
     with pytest.raises(config.ConfigError, match="head_dim 16"):
-        engine.check_model(LlamaConfig(hidden_size=32, num_attention_heads=2), "float32")
+        engine.check_model(LlamaConfig(hidden_size=32, num_attention_heads=2))
 
 
 # ---------------------------------------------------------------------------------------------- the stages

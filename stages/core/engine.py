@@ -225,7 +225,7 @@ def to_rollout(prompts: list[list[int]], tokens: list[list[int]], logprobs: list
     return Rollout(seqs.to(device), logps.to(device), ~torch.tensor(stopped, device=device))
 
 
-def check_model(config, dtype: str) -> None:
+def check_model(config) -> None:
     """One line for a model the CPU engine cannot run, before it starts."""
     heads = getattr(config, "num_attention_heads", 0) or 1
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -250,7 +250,7 @@ def open_engine(gen, model_dir: str | Path, model=None):
     if lora.is_adapter_dir(model_dir):  # an adapter alone: the engine runs its base, the push merges it
         model_dir = json.loads((Path(model_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
     config = AutoConfig.from_pretrained(model_dir)
-    check_model(config, gen.dtype)
+    check_model(config)
     max_len = min(getattr(config, "max_position_embeddings", 4096) or 4096, gen.max_model_len)
     engine = VLLMEngine(model_dir, gen.dtype, 0, gen.kv_cache_gb, bool(getattr(config, "tie_word_embeddings", False)),
                         max_len, gen.gpu_memory_utilization)
@@ -258,19 +258,3 @@ def open_engine(gen, model_dir: str | Path, model=None):
         yield engine
     finally:
         engine.close()
-
-
-def _demo(model_dir: str) -> None:  # pragma: no cover (a manual check: python -m stages.core.engine DIR)
-    from . import config, models
-
-    tok = models.load_tokenizer(model_dir)
-    model = models.load_causal_lm(model_dir, torch.device("cpu"), trainable=False)
-    gen = config.GenerationConfig(engine="vllm")
-    with open_engine(gen, model_dir) as eng:
-        eng.sync(model)
-        r = eng.sample([tok.encode("1+2=")], 2, 8, 1.0, models.stop_ids(tok), tok.pad_token_id, seed=0)
-        print(r.seqs.completion_ids.tolist(), eng.stats)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _demo(sys.argv[1])
