@@ -48,7 +48,7 @@ def build_model(cfg: config.Params):
         model = models.build_tiny_llama(tok, e.hidden_size, e.num_layers, e.num_heads, e.intermediate_size,
                                         e.max_positions, cfg.seed)
         return tok, model, "embedded tiny Llama"
-    models.check_model_path(m.name_or_path, "model.name_or_path")
+    io.check_model_path(m.name_or_path, "model.name_or_path")
     if m.name_or_path.lower().endswith(".gguf"):
         tok, model = models.load_gguf(m.name_or_path)
     else:

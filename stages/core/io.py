@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .config import ConfigError
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -164,6 +166,28 @@ def split_source(source: str) -> tuple[str, str | None, bool]:
         name, _, split = source.rpartition(":")
     local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix.lower() in DATA_SUFFIXES
     return name, split, local
+
+
+def check_model_path(name_or_path: str, field: str, root: Path = Path(".")) -> None:
+    """A local directory must hold a saved model, a local file must be a .gguf; anything path-like that
+    is missing is an error here, before any work. A hub id (`org/name`) is left to the caller (the
+    loader reads the local HF cache; stages/check.py checks it is there). root: where the stages run."""
+    p = root / Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ConfigError(f"{field}: {name_or_path!r} is a directory without config.json (not a saved model)")
+        return
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ConfigError(f"{field}: {name_or_path!r} is a file; give a model directory, a hub id or a .gguf file")
+        return
+    if not is_hub_id(name_or_path) or p.suffix.lower() == ".gguf":
+        raise ConfigError(f"{field}: model path {name_or_path!r} does not exist")
+
+
+def is_hub_id(name_or_path: str) -> bool:
+    """Whether a missing model path reads as a hub id (`org/name` or `name`), not a local path."""
+    return not name_or_path.startswith((".", "/", "~")) and name_or_path.count("/") <= 1
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")

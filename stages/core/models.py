@@ -71,24 +71,6 @@ def n_params(model) -> int:
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def check_model_path(name_or_path: str, field: str) -> None:
-    """A local directory must hold a saved model, a local file must be a .gguf; anything path-like that
-    is missing is an error here, before any work. A hub id (`org/name`) is left to the loader, which
-    reads the local HF cache."""
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise ConfigError(f"{field}: {name_or_path!r} is a directory without config.json (not a saved model)")
-        return
-    if p.is_file():
-        if p.suffix.lower() != ".gguf":
-            raise ConfigError(f"{field}: {name_or_path!r} is a file; give a model directory, a hub id or a .gguf file")
-        return
-    hub_id = not name_or_path.startswith((".", "/", "~")) and name_or_path.count("/") <= 1
-    if not hub_id or p.suffix.lower() == ".gguf":
-        raise ConfigError(f"{field}: model path {name_or_path!r} does not exist")
-
-
 def load_gguf(path: str | Path):
     """(tokenizer, float32 causal LM) from a GGUF file, ready for save_pretrained.
 
