@@ -113,3 +113,34 @@ def test_a_reference_the_verifier_cannot_read_is_a_one_line_error():
     with pytest.raises(config.ConfigError, match=r"^p.jsonl: row 2: the verifier cannot read the reference answer "
                                                  r"'banana' \(verifier.compare: math; check data.answer_column\)$"):
         rewards.check_references([{"answer": "85"}, {"answer": "banana"}], v, "p.jsonl")
+
+
+def inverse_length(completions, **kwargs):
+    """A user's reward function with a bug: an empty completion divides by zero."""
+    return [1.0 / len(c) for c in completions]
+
+
+def test_a_reward_function_that_raises_ends_the_stage_in_one_line_naming_it(tok, tmp_path, capsys, monkeypatch):
+    """Its traceback goes to the log first; the last line names the function, the exception and the line of
+    the user's file it came from; the stage exits 1 and writes nothing."""
+    from stages.core import data, stage
+
+    for var in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):  # stage.run sets them: restored after
+        monkeypatch.setenv(var, "error" if var == "TRANSFORMERS_VERBOSITY" else "1")
+    w = config.RewardWeights(reward_model=0.0, functions={"tests.test_rewards:inverse_length": 1.0})
+    seqs = data.collate([[1, 2]] * 2, [[5, tok.eos_token_id]] * 2, tok.pad_token_id)
+    out = tmp_path / "scores.json"
+
+    def main(argv):
+        s = rewards.score_completions(w, ["64", ""], [False, False], {"answer": ["64", "64"]}, None, seqs, 8)
+        out.write_text(str(s.total.tolist()))
+        return "scored"
+
+    with pytest.raises(SystemExit) as e:
+        stage.run(main, [])
+    line = inverse_length.__code__.co_firstlineno + 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and not out.exists()
+    assert err[-1] == (f"error: reward function tests.test_rewards:inverse_length raised ZeroDivisionError: "
+                       f"float division by zero at tests/test_rewards.py:{line} (its traceback is above)")
+    assert err[0] == "Traceback (most recent call last):" and f'line {line}, in inverse_length' in "\n".join(err)

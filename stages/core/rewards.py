@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
+import sys
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +24,7 @@ import torch
 from . import answers, dist, models
 from .config import ConfigError, SandboxConfig
 from .logprobs import Sequences, position_ids
+from .stage import StageFailed
 
 
 def verify(completion: str, answer: str | None, extract: str = "whole", compare: str = "exact") -> float | None:
@@ -220,11 +224,28 @@ def user_reward(name: str, fn, texts: list[str], kw: dict, group: int) -> list:
     n = len(texts)
 
     def call(rows: slice) -> list:
-        out = fn(texts[rows], **{k: v[rows] if isinstance(v, list) and len(v) == n else v for k, v in kw.items()})
+        try:
+            out = fn(texts[rows], **{k: v[rows] if isinstance(v, list) and len(v) == n else v for k, v in kw.items()})
+        except Exception as e:
+            raise reward_raised(name, fn, e) from e
         check_values(out, rows.stop - rows.start, name)
         return list(out)
 
     return dist.map_rows(call, n, group=group)
+
+
+def reward_raised(name: str, fn, e: Exception) -> StageFailed:
+    """A user's reward function raised while scoring: its full traceback to the log (stderr), and the one
+    line that ends the stage (nothing written): the function, the exception and where it was raised, the
+    deepest line in the function's own file (else the deepest line of all)."""
+    traceback.print_exception(e, file=sys.stderr)
+    frames = traceback.extract_tb(e.__traceback__)
+    own = [f for f in frames if f.filename == getattr(getattr(fn, "__code__", None), "co_filename", None)]
+    where = (own or frames)[-1]
+    file = os.path.relpath(where.filename) if where.filename.startswith(os.getcwd() + os.sep) else where.filename
+    reason = (str(e).strip().splitlines() or [""])[0][:200]
+    return StageFailed(f"reward function {name} raised {type(e).__name__}{': ' + reason if reason else ''} "
+                       f"at {file}:{where.lineno} (its traceback is above)")
 
 
 def check_values(values, n: int, name: str) -> None:
