@@ -5,11 +5,16 @@
 1. params.yaml is read against the params schema before DVC reads it. DVC expands `align.methods`
    into stages when it loads dvc.yaml, before any stage (the `check` stage included) can run, so
    `align.methods: dpo` (a string) would otherwise fail as DVC's "'Value' object is not iterable".
-2. A `.dvc/tmp/rwlock` half-written by a killed `dvc repro` is removed (never one a live DVC command
+2. What params.yaml names is checked as the `check` stage checks it (stages/check.py: model and data
+   paths, cached hub ids, reward functions).
+3. Another DVC command running in this workspace (holding DVC's repo lock `.dvc/tmp/lock`, or, while
+   a stage runs, its paths in `.dvc/tmp/rwlock`) stops it first, with one line giving its pid; a lock
+   is never removed.
+4. A `.dvc/tmp/rwlock` half-written by a killed `dvc repro` is removed (never one a live DVC command
    is writing: see recover_dvc_lock).
 Then it is `dvc repro` with the arguments given, run by this interpreter's DVC, with this
 interpreter's environment first on PATH (DVC runs the stages as `python -m stages.<name>`).
-Bad params: one line on stderr, exit 2, nothing run.
+Bad params: one line on stderr, exit 2, nothing run; a busy workspace: one line, exit 1.
 """
 
 from __future__ import annotations
@@ -20,13 +25,54 @@ import sys
 from pathlib import Path
 
 from flows import params as params_edit
+from stages import check
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another DVC command holds this workspace's repo lock."""
 
 
 def preflight(repo: Path):
-    """Before DVC reads the repo: recover a stale lock of a killed run, and validate params.yaml → the
-    params (raises ConfigError naming the key)."""
+    """Before DVC reads the repo: stop when another DVC command is running here (WorkspaceBusy), recover a
+    stale lock of a killed run, validate params.yaml and what it names → the params (raises ConfigError
+    naming the key)."""
+    holder = dvc_lock_holder(repo)
+    if holder:
+        raise WorkspaceBusy(f"another DVC command is running in this workspace (pid {holder}): wait for it or stop it")
     recover_dvc_lock(repo)
-    return params_edit.loads((repo / "params.yaml").read_text(), "params.yaml")
+    cfg = params_edit.loads((repo / "params.yaml").read_text(), "params.yaml")
+    check.check_names(cfg, repo)
+    return cfg
+
+
+def dvc_lock_holder(repo: Path) -> str | None:
+    """The pid of a DVC command running in this workspace, or None: the holder of DVC's repo lock
+    (.dvc/tmp/lock, the pid as zc.lockfile wrote it; only tried, with a lock that writes nothing, and let
+    go at once), else a live process in .dvc/tmp/rwlock (DVC lets go of the repo lock while a stage's
+    command runs and holds the stage's paths there). Neither file is ever removed: a lock whose holder
+    has gone is harmless, the next DVC command takes it over."""
+    import zc.lockfile
+
+    tmp = repo / ".dvc" / "tmp"
+    if (tmp / "lock").is_file():
+        try:
+            zc.lockfile.SimpleLockFile(str(tmp / "lock")).close()
+        except zc.lockfile.LockError:
+            return ((tmp / "lock").read_text().split() or ["?"])[0]
+    return next(iter(rwlock_pids(tmp / "rwlock")), None)
+
+
+def rwlock_pids(rwlock: Path) -> list[str]:
+    """The live processes DVC's rwlock names (DVC drops a dead one's entries itself; psutil, as DVC checks)."""
+    import psutil
+
+    try:
+        lock = json.loads(rwlock.read_text())
+        infos = [*lock.get("write", {}).values(), *(i for infos in lock.get("read", {}).values() for i in infos)]
+        pids = [int(info["pid"]) for info in infos]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # missing or half-written: no one named
+        return []
+    return [str(pid) for pid in dict.fromkeys(pids) if 0 < pid != os.getpid() and psutil.pid_exists(pid)]
 
 
 def recover_dvc_lock(repo: Path) -> bool:
@@ -78,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     except params_edit.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except WorkspaceBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except OSError as e:  # no params.yaml here: not the project's root
         print(f"error: {e.filename}: {e.strerror} (run it in the project's root)", file=sys.stderr)
         sys.exit(2)

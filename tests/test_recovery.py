@@ -1,9 +1,14 @@
 """What the flow does before any stage, in a real DVC repo: recover from a killed run without a manual
-step (a half-written DVC rwlock is removed, never one a live DVC command is writing), and read params.yaml
-itself, so a mistake DVC would trip over first is still one line naming the key."""
+step (a half-written DVC rwlock is removed, never one a live DVC command is writing), read params.yaml
+itself, so a mistake DVC would trip over first is still one line naming the key, and stop, naming its pid,
+when another DVC command is running in the workspace."""
 
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -84,3 +89,74 @@ def test_a_run_that_changes_no_param_leaves_params_yaml_as_it_was(tmp_path):
     doc = yaml.safe_load(params.read_text())
     assert params_edit.get(doc, "align.methods") == ["dpo", "kto"] and params.read_text() != before
     assert params_edit.get(doc, "align.nope") is params_edit.MISSING
+
+
+REPO_LOCK = """
+import sys, time
+from dvc.lock import make_lock
+lock = make_lock(sys.argv[1] + "/lock", tmp_dir=sys.argv[1], friendly=False)  # what every DVC command takes
+lock.lock()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_dvc_command_on_a_workspace_names_the_running_one_and_leaves_its_lock(tmp_path):
+    """make repro (and the flow, through the same preflight) while another DVC command runs here: one line with
+    that command's pid, exit 1, DVC's lock left where it is; once that command has ended, a run goes ahead."""
+    d = tmp_path / "ws"
+    (d / ".dvc" / "tmp").mkdir(parents=True)
+    (d / "params.yaml").write_text(helpers.SMOKE.read_text())
+    lock = d / ".dvc" / "tmp" / "lock"
+    holder = subprocess.Popen([sys.executable, "-c", REPO_LOCK, str(lock.parent)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = f"another DVC command is running in this workspace (pid {holder.pid}): wait for it or stop it"
+        with pytest.raises(repro.WorkspaceBusy, match=rf"^{re.escape(busy)}$"):
+            repro.preflight(d)
+        out = helpers.run([sys.executable, "-m", "flows.repro", "check"], d, check=False)
+        assert (out.returncode, out.stderr) == (1, f"error: {busy}\n")
+        assert lock.is_file() and holder.poll() is None and repro.dvc_lock_holder(d) == str(holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.is_file() and repro.dvc_lock_holder(d) is None  # a lock its holder left: DVC takes it over
+    assert repro.preflight(d).align.methods == ["dpo"]
+
+
+def test_a_dvc_repro_running_a_stage_is_seen_though_it_let_go_of_the_repo_lock(tmp_path):
+    """DVC unlocks .dvc/tmp/lock while a stage's command runs; its pid is then in .dvc/tmp/rwlock."""
+    import psutil
+
+    d = tmp_path / "ws"
+    d.mkdir()
+    helpers.dvc("init", "--no-scm", "-q", cwd=d)
+    (d / "params.yaml").write_text(helpers.SMOKE.read_text())
+    (d / "dvc.yaml").write_text("stages:\n  slow:\n    cmd: python -c \"import time; time.sleep(60)\" && touch out\n"
+                                "    outs: [out]\n")
+    running = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=d, env=helpers.env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while not any("time.sleep" in cmd for cmd in commands(psutil.Process(running.pid).children(recursive=True))):
+            assert running.poll() is None, "dvc repro ended before its stage ran"
+            time.sleep(0.05)  # until the stage's command runs (DVC has let go of the repo lock)
+        assert repro.rwlock_pids(d / ".dvc" / "tmp" / "rwlock") == [str(running.pid)]
+        with pytest.raises(repro.WorkspaceBusy, match=rf"\(pid {running.pid}\): wait for it or stop it$"):
+            repro.preflight(d)
+    finally:
+        os.killpg(running.pid, signal.SIGKILL)
+        running.wait()
+    assert repro.dvc_lock_holder(d) is None and (d / ".dvc" / "tmp" / "rwlock").is_file()
+
+
+def commands(processes) -> list[str]:
+    """The command lines of processes, leaving out any that ended meanwhile."""
+    import psutil
+
+    out = []
+    for p in processes:
+        try:
+            out.append(" ".join(p.cmdline()))
+        except psutil.Error:
+            pass
+    return out
