@@ -27,6 +27,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows import params as params_edit
+from flows import workers
 from flows.repro import preflight, venv_path
 
 
@@ -48,13 +49,12 @@ DVC_HINTS = ("To track the changes with git", "git add ", "To enable auto stagin
              "Use `dvc push`")
 
 
-@task(task_run_name="{stage}")
-def run_stage(repo: str, stage: str, env: dict) -> dict:
-    """`dvc repro --single-item <stage>`: DVC decides whether it runs, is skipped or is restored.
-    The stage's output streams to the task's log; progress bars at most every 30 s."""
+def stream_dvc(repo: str | Path, args: list[str], env: dict) -> str:
+    """`dvc <args>` in `repo`, its output streamed to the Prefect log (progress bars at most every 30 s)
+    → what DVC did with the stage: "restored from run-cache", "up to date" or "ran". A failure raises
+    RuntimeError with DVC's error line."""
     logger = get_run_logger()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=repo, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines, last_bar = [], 0.0
     for raw in proc.stdout:
@@ -72,26 +72,43 @@ def run_stage(repo: str, stage: str, env: dict) -> dict:
     out = "\n".join(lines)
     if proc.returncode:
         errors = [ln for ln in lines if ln.startswith(("error:", "ERROR"))]
-        raise RuntimeError(f"stage {stage} failed: {errors[0] if errors else lines[-1] if lines else proc.returncode}")
-    status = ("restored from run-cache" if "is cached" in out else
-              "up to date" if "didn't change" in out else "ran")
+        raise RuntimeError(f"{' '.join(args)} failed: "
+                           f"{errors[0] if errors else lines[-1] if lines else proc.returncode}")
+    return ("restored from run-cache" if "is cached" in out else
+            "up to date" if "didn't change" in out else "ran")
+
+
+@task(task_run_name="{stage}")
+def run_stage(repo: str, stage: str, env: dict) -> dict:
+    """`dvc repro --single-item <stage>` here: DVC decides whether it runs, is skipped or is restored."""
+    t0 = time.perf_counter()
+    try:
+        status = stream_dvc(repo, ["repro", "--single-item", stage], env)
+    except RuntimeError as e:
+        raise RuntimeError(f"stage {stage} failed: {str(e).partition(' failed: ')[2]}") from None
     return {"stage": stage, "status": status, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 @flow(name="alignpipe", log_prints=True)
 def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: dict | None = None,
-             tags: dict | None = None) -> str:
+             tags: dict | None = None, pool: str | None = None) -> str:
     """Run the pipeline in `repo_dir` (a DVC repo of this project) and return the comparison table.
 
     methods: replaces align.methods; overrides: {"dotted.key": value}, e.g. {"align.dpo.beta": 0.05};
     tags: set on the MLflow parent run (a study's condition and seed).
     Both are validated against the params schema and written to params.yaml before anything runs,
     as `dvc exp run -S` would: the params file is the record of what the run used.
+    pool: run each stage as its own flow run on this work pool (flows/workers.py), stages whose inputs
+    are ready at the same time side by side; without it every stage runs here, one after another.
     """
     from stages.core import tracking
 
     repo = Path(repo_dir).resolve()
     set_params(repo, methods, overrides)
+    job = None
+    if pool:  # every mistake that can be known here stops the run before anything is dispatched
+        job = workers.prepare_dispatch(repo)
+        workers.register(pool)
 
     flow_run = _flow_run_id()
     parent = tracking.start_parent(f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
@@ -112,8 +129,17 @@ def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: d
                              description="MLflow's runs table, one row per method and run (params, evaluation, "
                                          "cost): the saved view compare writes")
         for stage, needs in stage_order(repo):  # wait_for: the UI draws DVC's graph
-            states[stage] = run_stage(str(repo), stage, env, wait_for=[states[n] for n in needs], return_state=True)
-            results.append(states[stage].result())  # raises if the stage failed
+            if job is None:  # one DVC repro at a time in this checkout
+                states[stage] = run_stage(str(repo), stage, env, wait_for=[states[n] for n in needs],
+                                          return_state=True)
+                results.append(states[stage].result())  # raises if the stage failed
+            elif stage in workers.LOCAL_STAGES:
+                states[stage] = workers.run_local.submit(str(repo), stage, env, wait_for=[states[n] for n in needs])
+            else:  # submitted: stages whose inputs are ready run side by side on the pool
+                states[stage] = workers.dispatch_stage.submit(str(repo), stage, env, job,
+                                                              wait_for=[states[n] for n in needs])
+        if job is not None:
+            results = [f.result() for f in states.values()]  # raises if a stage failed
     except BaseException:
         tracking.end_run(parent, "FAILED", root=repo)
         raise
@@ -160,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", default=".", help="the DVC repo to run in (default: here)")
     p.add_argument("--methods", nargs="+", help="alignment methods, replacing align.methods")
+    p.add_argument("--pool", help="run each stage on this Prefect work pool's workers (flows/workers.py)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a param, e.g. --set align.dpo.beta=0.05 (YAML value; repeatable)")
     args = p.parse_args(argv)
@@ -168,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides = params_edit.parse_assignments(args.overrides)
         cfg = set_params(Path(args.repo).resolve(), args.methods, overrides)  # a mistake: one line, no flow run
         # the methods that run, as a parameter of the flow run (the Prefect UI shows them)
-        return pipeline(repo_dir=args.repo, methods=cfg.align.methods, overrides=overrides)
+        return pipeline(repo_dir=args.repo, methods=cfg.align.methods, overrides=overrides, pool=args.pool)
 
     run_cli(work)
 

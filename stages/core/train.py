@@ -6,6 +6,10 @@ switch off DVC's run-cache for the stage (dvc/stage/cache.py `_can_hash`), and r
 from the run-cache is worth more than tracking a file that only matters while the stage runs. A
 checkpoint carries a fingerprint of the stage's params and inputs; a different fingerprint is never
 resumed, and the checkpoint is removed once the stage's outputs are written.
+
+ALIGNPIPE_CHECKPOINTS moves them: a directory (a shared filesystem), or a URL (s3://bucket/prefix, any
+fsspec store) that every save is uploaded to and a resume downloads from, so a stage retried on another
+machine resumes (flows/workers.py sets it for the jobs it dispatches).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -190,9 +195,11 @@ class Checkpoint:
     `stage` names the directory (.checkpoints/<stage>); `cfg_dump` and `inputs` make the fingerprint.
     """
 
-    def __init__(self, stage: str, cfg_dump: dict, inputs: list[str | Path], root: str | Path = ".checkpoints"):
+    def __init__(self, stage: str, cfg_dump: dict, inputs: list[str | Path], root: str | Path | None = None):
+        root = str(root or os.environ.get("ALIGNPIPE_CHECKPOINTS") or ".checkpoints")
         self.stage = stage
-        self.dir = Path(root) / stage
+        self.store = f"{root.rstrip('/')}/{stage}" if "://" in root else None  # a URL: the local copy is a cache
+        self.dir = Path(".checkpoints" if self.store else root) / stage
         self.fp = fingerprint({**cfg_dump, **({"fsdp": True} if dist.fsdp() else {})}, inputs)  # FSDP's own format
 
     def resume(self, model, optimizer) -> tuple[int, list[dict], dict]:
@@ -224,6 +231,8 @@ class Checkpoint:
     def load(self) -> dict | None:
         """The saved state, or None when there is none or it belongs to other params/inputs."""
         meta = self.dir / "meta.json"
+        if self.store and not (meta.exists() and json.loads(meta.read_text()).get("fingerprint") == self.fp):
+            self._download()
         if not meta.exists():
             return None
         if json.loads(meta.read_text()).get("fingerprint") != self.fp:
@@ -236,10 +245,49 @@ class Checkpoint:
         with atomic_dir(self.dir) as tmp:
             torch.save(state, tmp / "state.pt")
             (tmp / "meta.json").write_text(json.dumps({"fingerprint": self.fp, "step": state.get("step")}))
+        if self.store:
+            self._upload(state.get("step"))
 
     def clear(self) -> None:
         if dist.is_main():
             shutil.rmtree(self.dir, ignore_errors=True)
+            if self.store:
+                fs, path = _store(self.store)
+                if fs.exists(path):
+                    fs.rm(path, recursive=True)
+
+    def _upload(self, step: int) -> None:
+        """The local checkpoint to the store: the state under a name of its own, then meta.json naming it
+        (an object store has no rename: a reader never sees a meta.json whose state is not all there),
+        then the older states removed."""
+        fs, path = _store(self.store)
+        name = f"state-{self.fp}-{step}.pt"
+        fs.put_file(str(self.dir / "state.pt"), f"{path}/{name}")
+        with fs.open(f"{path}/meta.json", "w") as fh:
+            fh.write(json.dumps({"fingerprint": self.fp, "step": step, "state": name}))
+        for old in fs.ls(path, detail=False):
+            if old.rsplit("/", 1)[-1].startswith("state-") and not old.endswith(name):
+                fs.rm(old)
+
+    def _download(self) -> None:
+        """The store's checkpoint into the local copy, when it has one of these params and inputs."""
+        fs, path = _store(self.store)
+        if not fs.exists(f"{path}/meta.json"):
+            return
+        meta = json.loads(fs.cat_file(f"{path}/meta.json"))
+        if meta.get("fingerprint") != self.fp:
+            return
+        with atomic_dir(self.dir) as tmp:
+            fs.get_file(f"{path}/{meta['state']}", str(tmp / "state.pt"))
+            (tmp / "meta.json").write_text(json.dumps({"fingerprint": self.fp, "step": meta["step"]}))
+        print(f"{self.stage}: checkpoint of step {meta['step']} downloaded from {self.store}")
+
+
+def _store(url: str):
+    """(filesystem, path) of a checkpoint store URL (fsspec: s3:// needs s3fs, which dvc-s3 brings)."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
 
 
 def probe_steps(total: int, probes: int) -> set[int]:
