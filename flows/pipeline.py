@@ -136,7 +136,7 @@ def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: d
             elif stage in workers.LOCAL_STAGES:
                 states[stage] = workers.run_local.submit(str(repo), stage, env, wait_for=[states[n] for n in needs])
             else:  # submitted: stages whose inputs are ready run side by side on the pool
-                states[stage] = workers.dispatch_stage.submit(str(repo), stage, env, job,
+                states[stage] = workers.dispatch_stage.submit(str(repo), stage, env, job, needs,
                                                               wait_for=[states[n] for n in needs])
         if job is not None:
             results = [f.result() for f in states.values()]  # raises if a stage failed
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     def work() -> str:
         overrides = params_edit.parse_assignments(args.overrides)
         cfg = set_params(Path(args.repo).resolve(), args.methods, overrides)  # a mistake: one line, no flow run
+        if args.pool:
+            workers.prepare_dispatch(Path(args.repo).resolve())
         # the methods that run, as a parameter of the flow run (the Prefect UI shows them)
         return pipeline(repo_dir=args.repo, methods=cfg.align.methods, overrides=overrides, pool=args.pool)
 
@@ -205,7 +207,7 @@ def run_cli(work) -> None:
     before any work) or 1 (a failed stage: Prefect has the full log)."""
     try:
         out = work()
-    except params_edit.ConfigError as e:
+    except (params_edit.ConfigError, workers.NotDispatchable) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:

@@ -40,6 +40,10 @@ MISS_EXIT = 97
 _RESTORE = threading.Lock()  # one DVC command at a time in the user's checkout
 
 
+class NotDispatchable(RuntimeError):
+    """A mistake known before anything is dispatched (uncommitted code, no remote, no tracking server)."""
+
+
 class WorkerLost(RuntimeError):
     """The job's worker or process died before it finished: the stage is dispatched again."""
 
@@ -53,11 +57,12 @@ def worker_name() -> str:
 
 @flow(name="alignpipe-stage", flow_run_name="{stage}")
 def stage_job(repo_url: str, commit: str, stage: str, params_yaml: str, dvc_lock: str, remote: dict,
-              env: dict) -> dict:
+              env: dict, with_check: bool = False) -> dict:
     """Run one stage on this worker: a fresh workspace at `commit` with the run's params and dvc.lock,
     the stage's inputs pulled from the DVC remote (`remote`: its name, url and options), its outputs and
     run-cache entry pushed back. `env`: what the stage needs from the orchestrator (MLflow server and
-    parent run, checkpoint store); this machine's own environment (credentials, devices) is kept."""
+    parent run, checkpoint store); this machine's own environment (credentials, devices) is kept.
+    with_check: the stage reads the `check` stage's digest of the inputs, which is made here first."""
     from flows.pipeline import stream_dvc
 
     who = worker_name()
@@ -73,19 +78,25 @@ def stage_job(repo_url: str, commit: str, stage: str, params_yaml: str, dvc_lock
         (ws / "params.yaml").write_text(params_yaml)
         if dvc_lock:
             (ws / "dvc.lock").write_text(dvc_lock)
-        dvc = [sys.executable, "-m", "dvc"]
-        _run(dvc + ["remote", "add", "--local", "--force", "--default", remote["name"], remote["url"]], ws, job_env)
-        for key, value in remote.get("options", {}).items():
-            _run(dvc + ["remote", "modify", "--local", remote["name"], key, str(value)], ws, job_env)
         cache = os.environ.get("ALIGNPIPE_WORKER_CACHE") or str(Path.home() / ".cache" / "alignpipe" / "dvc-cache")
-        _run(dvc + ["cache", "dir", "--local", cache], ws, job_env)  # one cache per machine, shared by its jobs
-        if stage != "check":  # check's digest of the inputs is not cached (it is made afresh on every run)
+        write_local_config(ws, remote, cache)
+        if with_check:  # check's digest of the inputs is not cached: it is made afresh where it is read
             stream_dvc(ws, ["repro", "--single-item", "check"], job_env)
         status = stream_dvc(ws, ["repro", "--pull", "--single-item", stage], job_env)
         stream_dvc(ws, ["push", "--run-cache", stage], job_env)
     finally:
         shutil.rmtree(ws, ignore_errors=True)
     return {"stage": stage, "worker": who, "status": status}
+
+
+def write_local_config(ws: Path, remote: dict, cache: str) -> None:
+    """The workspace's .dvc/config.local: the orchestrator's remote as default (credentials stay in this
+    machine's environment) and this machine's DVC cache, shared by all its jobs (content-addressed)."""
+    name = remote["name"]
+    lines = ["[core]", f"    remote = {name}", f"['remote \"{name}\"']", f"    url = {remote['url']}"]
+    lines += [f"    {key} = {value}" for key, value in remote.get("options", {}).items()]
+    lines += ["[cache]", f"    dir = {cache}"]
+    (ws / ".dvc" / "config.local").write_text("\n".join(lines) + "\n")
 
 
 def _rename_flow_run(name: str) -> None:
@@ -112,7 +123,7 @@ def _run(cmd: list[str], cwd: Path, env: dict | None) -> None:
 
 def prepare_dispatch(repo: Path) -> dict:
     """What every job of this pipeline run shares, checked before anything is dispatched (each mistake
-    one line, as a RuntimeError): the commit (no uncommitted code), where workers clone it from, the
+    one line, as NotDispatchable): the commit (no uncommitted code), where workers clone it from, the
     DVC remote, the MLflow tracking server and the checkpoint store."""
     from dvc.repo import Repo
 
@@ -120,7 +131,7 @@ def prepare_dispatch(repo: Path) -> dict:
              if line[3:] not in ("params.yaml", "dvc.lock")]
     if dirty:
         more = " …" if len(dirty) > 5 else ""
-        raise RuntimeError(f"uncommitted changes to {', '.join(dirty[:5])}{more}: workers run "
+        raise NotDispatchable(f"uncommitted changes to {', '.join(dirty[:5])}{more}: workers run "
                            "the commit, not this working tree (commit them; params.yaml travels with the run)")
     commit = _git_out(["rev-parse", "HEAD"], repo)
     origin = subprocess.run(["git", "remote", "get-url", "origin"], cwd=repo, capture_output=True, text=True)
@@ -128,13 +139,18 @@ def prepare_dispatch(repo: Path) -> dict:
     with Repo(str(repo)) as r:
         name = r.config["core"].get("remote")
         if not name:
-            raise RuntimeError("no default DVC remote: workers hand their outputs over through one "
+            raise NotDispatchable("no default DVC remote: workers hand their outputs over through one "
                                "(dvc remote add -d store s3://bucket/alignpipe, or a shared directory)")
         options = {k: v for k, v in r.config["remote"][name].items() if k != "url" and k not in SECRET_OPTIONS}
         url = r.config["remote"][name]["url"]
+        for st in r.index.stages:
+            uncached = [str(o) for o in st.outs if not o.use_cache]
+            if uncached and st.name not in LOCAL_STAGES:
+                raise NotDispatchable(f"stage {st.name}: {uncached[0]} is `cache: false` in dvc.yaml: a worker cannot "
+                                      "hand it over through the remote (make it a cached output)")
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
-        raise RuntimeError("workers log to one MLflow tracking server: set MLFLOW_TRACKING_URI to its address "
+        raise NotDispatchable("workers log to one MLflow tracking server: set MLFLOW_TRACKING_URI to its address "
                            "(mlflow server --host 0.0.0.0 --port 5000 on a machine they reach)")
     env = {"MLFLOW_TRACKING_URI": uri,
            "ALIGNPIPE_CHECKPOINTS": os.environ.get("ALIGNPIPE_CHECKPOINTS") or url.rstrip("/") + "-checkpoints"}
@@ -148,9 +164,10 @@ def _git_out(args: list[str], cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def restore(repo: Path, stage: str, env: dict) -> bool:
-    """Restore `stage` in the user's checkout from the remote's run-cache → whether it was there (a
-    miss runs nothing: the stage's command is refused by the shell DVC runs it with)."""
+def restore(repo: Path, stage: str, env: dict) -> str | None:
+    """Restore `stage` in the user's checkout from the remote's run-cache → "up to date", "restored from
+    the remote's run-cache", or None when it is not there (a miss runs nothing: the stage's command is
+    refused by the shell DVC runs it with)."""
     from flows.pipeline import stream_dvc
 
     guard = repo / ".dvc" / "tmp" / "alignpipe-no-local-run"
@@ -160,12 +177,12 @@ def restore(repo: Path, stage: str, env: dict) -> bool:
                          f"exit {MISS_EXIT}\n")
         guard.chmod(0o755)
         try:
-            stream_dvc(repo, ["repro", "--pull", "--single-item", stage], {**env, "SHELL": str(guard)})
+            status = stream_dvc(repo, ["repro", "--pull", "--single-item", stage], {**env, "SHELL": str(guard)})
         except RuntimeError as e:
-            if "is not in the remote's run-cache" in str(e) or f"exited with {MISS_EXIT}" in str(e):
-                return False
+            if f"exited with {MISS_EXIT}" in str(e):
+                return None
             raise
-        return True
+        return "up to date" if status == "up to date" else "restored from the remote's run-cache"
 
 
 def _retry_if_lost(task, task_run, state) -> bool:
@@ -181,7 +198,7 @@ def _retry_if_lost(task, task_run, state) -> bool:
 
 
 @task(task_run_name="{stage}", retries=2, retry_condition_fn=_retry_if_lost)
-def dispatch_stage(repo: str, stage: str, env: dict, job: dict) -> dict:
+def dispatch_stage(repo: str, stage: str, env: dict, job: dict, needs: list[str]) -> dict:
     """Run `stage` on the pool (unless the remote's run-cache already has it), then restore it here."""
     from prefect.deployments import run_deployment
     from prefect.runtime import task_run
@@ -189,9 +206,9 @@ def dispatch_stage(repo: str, stage: str, env: dict, job: dict) -> dict:
     logger = get_run_logger()
     root = Path(repo)
     t0 = time.perf_counter()
-    if restore(root, stage, env):
-        return {"stage": stage, "status": "restored from the remote's run-cache", "worker": "-",
-                "seconds": round(time.perf_counter() - t0, 1)}
+    status = restore(root, stage, env)
+    if status:
+        return {"stage": stage, "status": status, "worker": "-", "seconds": round(time.perf_counter() - t0, 1)}
     with _RESTORE:
         params_yaml = (root / "params.yaml").read_text()
         lock = (root / "dvc.lock").read_text() if (root / "dvc.lock").exists() else ""
@@ -199,14 +216,15 @@ def dispatch_stage(repo: str, stage: str, env: dict, job: dict) -> dict:
     run = run_deployment(DEPLOYMENT, timeout=None, idempotency_key=key.hexdigest()[:32],
                          parameters={"repo_url": job["repo_url"], "commit": job["commit"], "stage": stage,
                                      "params_yaml": params_yaml, "dvc_lock": lock, "remote": job["remote"],
-                                     "env": {**job["env"], "ALIGNPIPE_PARENT_RUN_ID": env["ALIGNPIPE_PARENT_RUN_ID"]}})
+                                     "env": {**job["env"], "ALIGNPIPE_PARENT_RUN_ID": env["ALIGNPIPE_PARENT_RUN_ID"]},
+                                     "with_check": "check" in needs}, poll_interval=1)
     worker = run.name.partition(" @ ")[2] or "?"
     if run.state.is_crashed() or run.state.is_cancelled():
         raise WorkerLost(f"stage {stage}: its job on {worker} was lost ({run.state.message}); dispatching it again")
     if not run.state.is_completed():
         message = (run.state.message or "").split("RuntimeError: ")[-1] or run.state.name
         raise RuntimeError(f"stage {stage} failed on {worker}: {message}")
-    if not restore(root, stage, env):
+    if restore(root, stage, env) is None:
         raise RuntimeError(f"stage {stage}: the job on {worker} completed but its result is not in the DVC remote's "
                            "run-cache; nothing was run here")
     logger.info(f"{stage}: ran on {worker}")
@@ -215,8 +233,9 @@ def dispatch_stage(repo: str, stage: str, env: dict, job: dict) -> dict:
 
 
 def register(pool: str) -> None:
-    """The pool (a process pool when missing) and the stage job's deployment on it; workers load the job
-    from the project installed in their own environment (a module path, no code storage)."""
+    """The pool (a process pool when missing), the stage job's deployment on it (workers load the job from
+    the project installed in their own environment: a module path, no code storage), and the automation
+    that marks a silent job Crashed, so that its stage is dispatched again."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
@@ -227,7 +246,38 @@ def register(pool: str) -> None:
             client.read_work_pool(pool)
         except ObjectNotFound:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        if not client.read_automations_by_name(ZOMBIE_AUTOMATION):
+            client.create_automation(zombie_automation())
     stage_job.to_deployment(name="stage", entrypoint_type=EntrypointType.MODULE_PATH).apply(work_pool_name=pool)
+
+
+ZOMBIE_AUTOMATION = "alignpipe: crash silent stage jobs"
+
+
+def zombie_automation():
+    """Prefect's zombie-flow automation (docs: "detect zombie flows"), for the stage jobs only: a job whose
+    flow run sends no event for three heartbeat periods (PREFECT_FLOWS_HEARTBEAT_FREQUENCY on the
+    workers: 180 s by default, so 9 minutes) is marked Crashed: its machine died with it."""
+    from datetime import timedelta
+
+    from prefect.automations import AutomationCore
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    from prefect.settings import get_current_settings
+
+    heartbeat = get_current_settings().flows.heartbeat_frequency or 180
+    return AutomationCore(
+        name=ZOMBIE_AUTOMATION,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.*"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification({"prefect.resource.role": "flow",
+                                                 "prefect.resource.name": "alignpipe-stage"}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=3 * heartbeat)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message="no heartbeat: its worker is gone")])
 
 
 @task(task_run_name="{stage}")

@@ -1,6 +1,6 @@
-"""A real Prefect server on loopback runs the pipeline deployment to Completed: through a work pool
-and a process worker (how stages reach GPU workers), and through `serve`. Each DVC stage is a task run,
-the comparison table is an artifact, and MLflow gets one parent run per flow run."""
+"""A real Prefect server on loopback runs the pipeline deployment to Completed through `serve`; with a
+pool, the stage job is registered on it (the pipeline through a pool: tests/test_workers.py). Each DVC
+stage is a task run, the comparison table is an artifact, and MLflow gets one parent run per flow run."""
 
 import os
 import signal
@@ -106,20 +106,33 @@ def run_and_read(name: str, parameters: dict):
     return fr, {t.name: t for t in tasks}, {a.key: a for a in arts}
 
 
-def test_work_pool_worker_runs_the_pipeline_to_completed(server, ws):
-    out = helpers.run([sys.executable, "-m", "flows.deploy", "--name", "ci-pool", "--pool", "ci", "--repo", str(ws),
-                       "--cron", "0 3 * * *"], helpers.ROOT, **{k: v for k, v in server["env"].items()})
-    assert "prefect worker start --pool ci" in out.stdout
+def test_deploy_with_a_pool_serves_the_pipeline_here_and_registers_the_stage_job_on_the_pool(server, ws):
+    """The pipeline flow stays in the user's checkout; its stages go to the pool (run in tests/test_workers.py)."""
+    from prefect.client.orchestration import get_client
+
+    from flows import workers
+
+    server["spawn"]([sys.executable, "-m", "flows.deploy", "--name", "ci-pool", "--pool", "ci", "--repo", str(ws),
+                     "--cron", "0 3 * * *"], "deploy-pool")
     dep = wait_for_deployment("alignpipe/ci-pool")
     assert dep.schedules and dep.schedules[0].schedule.cron == "0 3 * * *"
-    server["spawn"]([sys.executable, "-m", "prefect", "worker", "start", "--pool", "ci"], "worker")
+    assert dep.parameters == {"repo_dir": str(ws), "pool": "ci"} and dep.work_pool_name is None  # served here
+    job = wait_for_deployment(workers.DEPLOYMENT)
+    assert job.work_pool_name == "ci" and job.entrypoint == "flows.workers.stage_job"
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool("ci").type == "process"
+        [auto] = client.read_automations_by_name(workers.ZOMBIE_AUTOMATION)
+    assert auto.trigger.match_related.root["prefect.resource.name"] == "alignpipe-stage"
 
-    fr, tasks, arts = run_and_read("alignpipe/ci-pool", {"repo_dir": str(ws)})
+
+def test_served_deployment_takes_parameters(server, ws):
+    server["spawn"]([sys.executable, "-m", "flows.deploy", "--name", "ci-serve", "--repo", str(ws)], "serve")
+    wait_for_deployment("alignpipe/ci-serve")
+    fr, tasks, arts = run_and_read("alignpipe/ci-serve", {"repo_dir": str(ws)})
     assert fr.state.is_completed(), fr.state
-    assert set(tasks) == STAGES
-    assert all(t.state.is_completed() for t in tasks.values())
-    table = arts["comparison"].data
-    assert "| sft |" in table and "| dpo |" in table and "prepare: ran" in table
+    assert set(tasks) == STAGES and all(t.state.is_completed() for t in tasks.values())
+    assert "| sft |" in arts["comparison"].data and "| dpo |" in arts["comparison"].data
+    assert "prepare: ran" in arts["comparison"].data
     # The UI's graph is DVC's: a task waits for the tasks of the stages whose outputs it reads.
     waits = {name: {i.id for i in t.task_inputs.get("wait_for", [])} for name, t in tasks.items()}
     assert waits["align@dpo"] == {tasks[s].id for s in ("prepare", "pairs", "sft", "reward")}  # prompts: prepare's
@@ -127,10 +140,6 @@ def test_work_pool_worker_runs_the_pipeline_to_completed(server, ws):
     assert "/#/experiments/" in arts["mlflow-run"].data  # the link to the MLflow parent run
     assert "/runs?viewStateShareKey=alignpipe-methods&" in arts["mlflow-methods"].data  # the saved view
 
-
-def test_served_deployment_takes_parameters(server, ws):
-    server["spawn"]([sys.executable, "-m", "flows.deploy", "--name", "ci-serve", "--repo", str(ws)], "serve")
-    wait_for_deployment("alignpipe/ci-serve")
     fr, tasks, arts = run_and_read("alignpipe/ci-serve", {"overrides": {"align.dpo.beta": 0.25}, "repo_dir": str(ws)})
     assert fr.state.is_completed(), fr.state
     assert set(tasks) == STAGES

@@ -261,6 +261,7 @@ class Checkpoint:
         (an object store has no rename: a reader never sees a meta.json whose state is not all there),
         then the older states removed."""
         fs, path = _store(self.store)
+        fs.makedirs(path, exist_ok=True)
         name = f"state-{self.fp}-{step}.pt"
         fs.put_file(str(self.dir / "state.pt"), f"{path}/{name}")
         with fs.open(f"{path}/meta.json", "w") as fh:
