@@ -12,23 +12,24 @@ import yaml
 from tests import helpers
 
 pytestmark = pytest.mark.real
-TINY = {  # params.real.yaml cut down to a few rows and steps: it checks that everything connects
+TINY = {  # params.real.yaml cut down to a few rows and steps: it checks that everything connects. No probes:
+    # they decode with evaluate's sampler (evaluation.generate), which the evaluate stages run on this model
     "data.embedded": {"task": "chat_arithmetic", "max_operand": 50, "n_sft": 16, "carry_slip": 0.5, "sft_noise": 0.05,
                       "n_preference": 16, "carry_pairs": 0.7, "n_prompts": 8, "n_eval": 6},
     # a few SFT steps at a high rate teach the short "a + b = c." answer, so sampled replies end in time
     "sft": {"lr": 1.0e-4, "batch_size": 4, "steps": 4, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 10,
-            "probes": 1, "probe_size": 4},
+            "probes": 0},
     "reward": {"lr": 3.0e-5, "batch_size": 4, "steps": 2, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 10,
                "min_accuracy": 0.0, "stats_pairs": 8},
-    "pairs": {"num_samples": 4, "max_new_tokens": 32, "max_prompts": 8, "batch_size": 32,
+    "pairs": {"num_samples": 4, "max_new_tokens": 32, "max_prompts": 4, "batch_size": 32,
               "score": {"reward_model": 1.0, "verifier": 1.0}, "truncated": "penalize"},
     "align.methods": ["dpo", "grpo"],
     "align.dpo": {"lr": 5.0e-6, "batch_size": 2, "steps": 2, "warmup_steps": 1, "log_every": 1,
-                  "checkpoint_every": 10, "probes": 1, "probe_size": 2},
+                  "checkpoint_every": 10, "probes": 0},
     "align.grpo": {"lr": 5.0e-6, "prompts_per_step": 2, "num_generations": 2, "max_new_tokens": 12, "steps": 2,
-                   "warmup_steps": 1, "log_every": 1, "checkpoint_every": 10, "probes": 1, "probe_size": 2,
+                   "warmup_steps": 1, "log_every": 1, "checkpoint_every": 10, "probes": 0,
                    "gen_batch_size": 8, "no_signal_steps": 0, "reward": {"reward_model": 0.0, "verifier": 1.0}},
-    "evaluate": {"max_new_tokens": 16, "max_prompts": 4, "kl_samples": 1, "batch_size": 8},
+    "evaluate": {"max_new_tokens": 16, "max_prompts": 2, "kl_samples": 1, "batch_size": 8},
 }
 
 
