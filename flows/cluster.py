@@ -27,6 +27,7 @@ from pathlib import Path
 from flows import workspace
 
 ROOT = Path(__file__).resolve().parents[1]
+HEARTBEAT_S = 30  # the jobs' heartbeats (Prefect's minimum): a job silent for 3 of them is marked Crashed
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "alignpipe-local", "AWS_SECRET_ACCESS_KEY": "alignpipe-local-secret"}
 
 
@@ -76,7 +77,7 @@ class Cluster:
         self.env = {**os.environ, **S3_KEYS, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                     "PREFECT_API_URL": f"http://127.0.0.1:{prefect}/api", "PREFECT_HOME": str(scratch / "prefect"),
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
-                    "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+                    "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
                     "PREFECT_WORKER_PREFETCH_SECONDS": "1", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow}",
                     "ALIGNPIPE_TRACKING": "mlflow", "DVC_NO_ANALYTICS": "1"}
 
@@ -96,11 +97,12 @@ class Cluster:
         wait_http(self.s3, s3, self.scratch / "s3.log")
         wait_http(self.env["PREFECT_API_URL"] + "/health", prefect, self.scratch / "prefect-server.log")
         wait_http(self.env["MLFLOW_TRACKING_URI"] + "/health", mlflow, self.scratch / "mlflow-server.log")
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
         from flows import workers as jobs
 
-        with temporary_settings(updates={PREFECT_API_URL: self.env["PREFECT_API_URL"]}):
+        with temporary_settings(updates={PREFECT_API_URL: self.env["PREFECT_API_URL"],
+                                         PREFECT_FLOWS_HEARTBEAT_FREQUENCY: HEARTBEAT_S}):
             jobs.register(self.pool)  # the pool exists before its workers poll it
         for i in range(1, workers + 1):
             self.start_worker(f"w{i}")
@@ -164,7 +166,7 @@ def stage_runs(api: str) -> list[dict]:
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["alignpipe-stage"])))
     out = [{"id": str(r.id), "stage": r.parameters["stage"], "worker": r.name.partition(" @ ")[2] or "-",
-            "state": r.state.name,
+            "state": r.state.name, "message": r.state.message,
             "start": r.start_time.timestamp() if r.start_time else None,
             "end": r.end_time.timestamp() if r.end_time else None} for r in runs]
     return sorted(out, key=lambda r: r["start"] or 0)

@@ -136,8 +136,7 @@ def pipeline(repo_dir: str = ".", methods: list[str] | None = None, overrides: d
             elif stage in workers.LOCAL_STAGES:
                 states[stage] = workers.run_local.submit(str(repo), stage, env, wait_for=[states[n] for n in needs])
             else:  # submitted: stages whose inputs are ready run side by side on the pool
-                states[stage] = workers.dispatch_stage.submit(str(repo), stage, env, job, needs,
-                                                              wait_for=[states[n] for n in needs])
+                states[stage] = workers.dispatch_stage.submit(str(repo), stage, env, job, [states[n] for n in needs])
         if job is not None:
             results = [f.result() for f in states.values()]  # raises if a stage failed
     except BaseException:

@@ -198,15 +198,19 @@ def _retry_if_lost(task, task_run, state) -> bool:
 
 
 @task(task_run_name="{stage}", retries=2, retry_condition_fn=_retry_if_lost)
-def dispatch_stage(repo: str, stage: str, env: dict, job: dict, needs: list[str]) -> dict:
-    """Run `stage` on the pool (unless the remote's run-cache already has it), then restore it here."""
+def dispatch_stage(repo: str, stage: str, env: dict, job: dict, upstream: list[dict]) -> dict:
+    """Run `stage` on the pool (unless the remote's run-cache already has it), then restore it here.
+    upstream: the results of the stages whose outputs it reads. When one of them was just made by a job,
+    the remote cannot have this stage for those inputs yet, so the first restore is skipped (were it
+    there all the same, the job would restore it rather than run it)."""
     from prefect.deployments import run_deployment
     from prefect.runtime import task_run
 
     logger = get_run_logger()
     root = Path(repo)
     t0 = time.perf_counter()
-    status = restore(root, stage, env)
+    fresh = any(r.get("worker", "-") != "-" for r in upstream)
+    status = None if fresh else restore(root, stage, env)
     if status:
         return {"stage": stage, "status": status, "worker": "-", "seconds": round(time.perf_counter() - t0, 1)}
     with _RESTORE:
@@ -217,13 +221,14 @@ def dispatch_stage(repo: str, stage: str, env: dict, job: dict, needs: list[str]
                          parameters={"repo_url": job["repo_url"], "commit": job["commit"], "stage": stage,
                                      "params_yaml": params_yaml, "dvc_lock": lock, "remote": job["remote"],
                                      "env": {**job["env"], "ALIGNPIPE_PARENT_RUN_ID": env["ALIGNPIPE_PARENT_RUN_ID"]},
-                                     "with_check": "check" in needs}, poll_interval=1)
+                                     "with_check": any(r["stage"] == "check" for r in upstream)},
+                         poll_interval=1)
     worker = run.name.partition(" @ ")[2] or "?"
     if run.state.is_crashed() or run.state.is_cancelled():
         raise WorkerLost(f"stage {stage}: its job on {worker} was lost ({run.state.message}); dispatching it again")
     if not run.state.is_completed():
         message = (run.state.message or "").split("RuntimeError: ")[-1] or run.state.name
-        raise RuntimeError(f"stage {stage} failed on {worker}: {message}")
+        raise RuntimeError(f"stage {stage} failed on {worker}: {message.partition(' failed: ')[2] or message}")
     if restore(root, stage, env) is None:
         raise RuntimeError(f"stage {stage}: the job on {worker} completed but its result is not in the DVC remote's "
                            "run-cache; nothing was run here")
@@ -246,8 +251,13 @@ def register(pool: str) -> None:
             client.read_work_pool(pool)
         except ObjectNotFound:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-        if not client.read_automations_by_name(ZOMBIE_AUTOMATION):
-            client.create_automation(zombie_automation())
+        zombie = zombie_automation()
+        for old in client.read_automations_by_name(ZOMBIE_AUTOMATION):
+            if old.trigger.within == zombie.trigger.within:
+                break
+            client.delete_automation(old.id)  # made for another heartbeat frequency
+        else:
+            client.create_automation(zombie)
     stage_job.to_deployment(name="stage", entrypoint_type=EntrypointType.MODULE_PATH).apply(work_pool_name=pool)
 
 

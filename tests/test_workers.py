@@ -1,8 +1,10 @@
 """Stages on workers, with the real parts on one machine (flows/cluster.py): an S3 server (`rclone serve
 s3`) as the DVC remote and checkpoint store, a Prefect server, a process work pool with two workers in
 directories of their own, an MLflow tracking server. The smoke pipeline through the pool must end with
-the outputs of a local `dvc repro` of the same commit and params, even with a job killed mid-stage."""
+the outputs of a local `dvc repro` of the same commit and params, even with a machine lost mid-stage."""
 
+import csv
+import json
 import os
 import shutil
 import signal
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.workers
 
 METHODS = ["dpo", "grpo"]
 # SFT long enough to be killed between two checkpoints (the smoke profile's 30 steps take a second)
-SETS = {"sft.steps": 300, "sft.checkpoint_every": 50}
+SETS = {"sft.steps": 150, "sft.checkpoint_every": 30}
 
 
 @pytest.fixture(scope="module")
@@ -51,27 +53,50 @@ def lock_outs(repo: Path) -> dict[str, dict[str, str]]:
     return {name: {o["path"]: o["md5"] for o in s.get("outs", [])} for name, s in stages.items()}
 
 
-def kill_first_job_after_checkpoint(cl, stage: str, module: str, found: dict) -> None:
-    """When `stage`'s first checkpoint is in the store, kill its job's whole process tree (the flow run
-    the worker started, DVC, the stage): the worker reports the flow run Crashed."""
+MEASURED = ("cost/wall_s", "cost/peak_mem_mb", "eval/wall_s", "perf/")  # what a stage measures of itself
+
+
+def results(repo: Path) -> dict[str, object]:
+    """Every output of the pipeline: its dvc.lock hash, except for the metrics and plots files, which
+    hold what the stage measured of its own run (wall time, memory, throughput): their other values."""
+    out: dict[str, object] = {}
+    for stage, paths in lock_outs(repo).items():
+        for path, md5 in paths.items():
+            f = repo / path
+            if path.startswith("metrics/"):
+                out[path] = {k: v for k, v in json.loads(f.read_text()).items() if not k.startswith(MEASURED)}
+            elif path.startswith("plots/"):
+                out[path] = [{k: v for k, v in row.items() if not k.startswith(MEASURED)}
+                             for row in csv.DictReader(f.open())]
+            elif path != "reports":  # the comparison table: its rows are the metrics above, with costs
+                out[path] = md5
+    return out
+
+
+def kill_the_machine_after_a_checkpoint(cl, stage: str, found: dict) -> None:
+    """When `stage`'s first checkpoint is in the store, kill what a dead machine loses: the worker running
+    the stage's job and the job itself (its flow run, DVC, the stage; SIGKILL, nothing reports). Then a
+    new worker of that name starts, as the machine coming back would."""
     meta = cl.scratch / "s3" / "alignpipe" / "store-checkpoints" / stage / "meta.json"
     deadline = time.time() + 900
     while not meta.exists():
         if time.time() > deadline:
             return
         time.sleep(0.05)
-    for proc in psutil.process_iter(["cmdline"]):
-        if f"stages.{module}" in " ".join(proc.info["cmdline"] or []):
-            chain = [proc, *proc.parents()]
-            worker = next(i for i, p in enumerate(chain) if "worker" in " ".join(p.cmdline()[:5]))
-            job = chain[worker - 1]  # the flow run's process, started by the worker
-            found["worker"] = next(name for name, d in cl.dirs.items() if str(d) in proc.cwd())
-            for p in [job, *job.children(recursive=True)]:
-                p.send_signal(signal.SIGKILL)
+    for name, home in cl.dirs.items():
+        jobs = sorted((home / "jobs").glob(f"{stage}-*"))
+        if jobs:
+            job = [p for p in psutil.process_iter() if _cwd(p).startswith(str(jobs[0]))]  # DVC and the stage
+            groups = {os.getpgid(cl.workers[name].pid)} | {os.getpgid(q.pid) for p in job for q in (p, p.parent()) if q}
+            for group in groups:
+                os.killpg(group, signal.SIGKILL)
+            found.update(worker=name, workspace=str(jobs[0]), at=time.time())
+            cl.workers[name].wait()
+            cl.start_worker(name)
             return
 
 
-def test_pool_run_equals_a_local_run_with_a_job_killed_mid_stage(cl, project, tmp_path):
+def test_pool_run_equals_a_local_run_with_a_machine_lost_mid_stage(cl, project, tmp_path):
     # a local `dvc repro` of the same commit and params, uninterrupted, at the same time
     ref = tmp_path / "local"
     subprocess.run(["git", "clone", "-q", str(project), str(ref)], check=True)
@@ -79,25 +104,29 @@ def test_pool_run_equals_a_local_run_with_a_job_killed_mid_stage(cl, project, tm
     local = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=ref, env=helpers.env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed: dict = {}
-    killer = threading.Thread(target=kill_first_job_after_checkpoint, args=(cl, "sft", "sft", killed), daemon=True)
+    killer = threading.Thread(target=kill_the_machine_after_a_checkpoint, args=(cl, "sft", killed), daemon=True)
     killer.start()
     t0 = time.time()
     out = pipeline(cl, project)
     pool_s = time.time() - t0
     assert out.returncode == 0, out.stderr[-3000:]
-    assert killed.get("worker"), "the sft job was never killed"
+    assert killed.get("worker"), "the machine running sft was never killed"
     assert local.wait(timeout=900) == 0, local.stdout.read()[-3000:]
     runs = cluster.stage_runs(cl.env["PREFECT_API_URL"])
     print(f"\nsmoke pipeline ({', '.join(METHODS)}) through the pool: {pool_s:.0f} s, beside a local dvc repro "
           f"of it\n{cluster.format_runs(runs, t0)}")
-    pool, local = lock_outs(project), lock_outs(ref)
-    assert set(pool) == set(local) and len(pool) == 11
+    assert set(lock_outs(project)) == set(lock_outs(ref)) and len(lock_outs(ref)) == 11
+    pool, local = results(project), results(ref)
+    assert len(pool) == 23 and "models/sft" in pool
     assert pool == local
 
     sft = [r for r in runs if r["stage"] == "sft"]
     assert [r["state"] for r in sft] == ["Crashed", "Completed"], sft
     assert sft[0]["worker"] == killed["worker"]
-    assert "resuming from step 50" in job_log(sft[1]["id"])  # from the checkpoint in the store, not step 0
+    assert "no heartbeat" in sft[0]["message"]  # Prefect's zombie automation marked it (flows/workers.py)
+    assert "resuming from step 30" in job_log(sft[1]["id"])  # from the checkpoint in the store, not step 0
+    left = [p for p in psutil.process_iter() if _cwd(p).startswith(killed["workspace"])]
+    assert not left, [p.cmdline() for p in left]  # nothing of the lost job still runs
     # methods side by side: on different workers, at overlapping times
     dpo, grpo = (next(r for r in runs if r["stage"] == f"align@{m}") for m in METHODS)
     assert dpo["worker"] != grpo["worker"]
@@ -112,6 +141,13 @@ def test_pool_run_equals_a_local_run_with_a_job_killed_mid_stage(cl, project, tm
     parent = stages[0].data.tags["mlflow.parentRunId"]
     nested = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert {"sft", "reward", "pairs", "align", "evaluate"} <= {r.data.tags.get("stage") for r in nested}
+
+
+def _cwd(proc) -> str:
+    try:
+        return proc.cwd()
+    except psutil.Error:
+        return ""
 
 
 def job_log(flow_run_id: str) -> str:
@@ -156,6 +192,19 @@ def test_a_miss_fails_in_one_line_and_runs_nothing_here(cl, project):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stage reward: the job on w") and "not in the DVC remote's run-cache" in last, last
     assert lock_outs(project)["reward"] == lock["reward"]  # nothing restored, nothing run here
+
+
+def test_a_stage_that_fails_for_a_real_reason_fails_once_with_its_own_line(cl, project):
+    before = cluster.stage_runs(cl.env["PREFECT_API_URL"])
+    try:
+        out = pipeline(cl, project, "--set", "reward.min_accuracy=1.0")  # the reward gate stops the stage
+    finally:
+        subprocess.run(["git", "checkout", "params.yaml"], cwd=project, check=True)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage reward failed on w") and "error: reward: held-out pairwise accuracy" in last
+    new = cluster.stage_runs(cl.env["PREFECT_API_URL"])[len(before):]
+    assert [(r["stage"], r["state"]) for r in new] == [("reward", "Failed")]  # once: no retry of a real failure
 
 
 def test_code_changes_and_uncached_outputs_are_refused_before_dispatch(cl, project):
