@@ -11,6 +11,25 @@ from flows.repro import venv_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "params.smoke.yaml"
+LEAN = {  # the smoke profile with fewer rows and steps: for tests of how stages connect (DVC staleness,
+    # run-cache restores, flows, studies), where every stage runs. SFT keeps its 30 steps: fewer leave
+    # replies that never end within pairs.max_new_tokens, so no pair forms.
+    "data.embedded.n_sft": 64, "data.embedded.n_preference": 48, "data.embedded.n_prompts": 16,
+    "data.embedded.n_eval": 12,
+    "sft.probes": 1,
+    "reward.steps": 6, "reward.log_every": 2, "reward.checkpoint_every": 3,
+    "align.dpo.steps": 4, "align.dpo.log_every": 1, "align.dpo.checkpoint_every": 2, "align.dpo.probes": 1,
+    "evaluate.kl_samples": 1,
+}
+
+
+def lean_params(dest: Path) -> Path:
+    """params.smoke.yaml at LEAN's sizes (its comments kept), written to `dest`."""
+    from flows import params
+
+    dest.write_text(SMOKE.read_text())
+    params.apply(dest, LEAN)
+    return dest
 
 
 def env(**extra) -> dict:

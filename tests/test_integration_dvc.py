@@ -20,7 +20,8 @@ AFTER_SFT = {"sft", "reward", "pairs", "align@dpo", "evaluate_sft", "evaluate@dp
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    d = workspace.create(tmp_path_factory.mktemp("dvc") / "ws", helpers.SMOKE)
+    root = tmp_path_factory.mktemp("dvc")
+    d = workspace.create(root / "ws", helpers.lean_params(root / "params.yaml"))
     uri = f"sqlite:///{d.parent / 'mlflow.db'}"
     return d, {"ALIGNPIPE_TRACKING": "mlflow", "MLFLOW_TRACKING_URI": uri}
 
@@ -36,9 +37,10 @@ def digest(path):
 
 def test_first_repro_runs_every_stage_and_writes_the_report(ws):
     d, _ = ws
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = repro(ws)
-    took = time.perf_counter() - t0
+    took, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     assert helpers.ran_stages(out) == {"prepare"} | AFTER_SFT
     report = (d / "reports" / "comparison.md").read_text()
     assert "| sft |" in report and "| dpo |" in report
@@ -53,8 +55,10 @@ def test_first_repro_runs_every_stage_and_writes_the_report(ws):
     for cmd in (("metrics", "show"), ("plots", "show", "--json")):
         shown = helpers.dvc(*cmd, cwd=d)
         assert "failed to load" not in shown.stderr, shown.stderr
-    print(f"smoke chain under dvc repro: {took:.1f}s")
-    assert took < 150, f"the smoke profile took {took:.0f}s"
+    print(f"lean smoke chain under dvc repro: {took:.1f} s wall, {cpu:.1f} s CPU")
+    # CPU time (DVC and every stage it ran), which a test on the other xdist worker cannot inflate as it
+    # does wall time; 95 s was measured here (104 s wall), 2x that for a slower CPU
+    assert cpu < 200, f"the lean smoke chain took {cpu:.0f} s of CPU ({took:.0f} s wall)"
 
 
 def test_second_repro_is_a_fast_noop(ws):
