@@ -97,11 +97,12 @@ def test_the_report_states_what_the_seeds_support(tmp_path, tmp_path_factory):
 
 @pytest.mark.integration
 def test_a_study_runs_every_condition_on_every_seed_and_reruns_nothing(tmp_path):
-    """The real thing on the smoke profile: 2 seeds × (main, noise-0.4), DPO (the reward-hacking condition is
-    an override like the noise one; its table is checked above), each a pipeline flow run through DVC and a
+    """The real thing on the lean smoke profile: 2 seeds × (main, noise-0.4), DPO (the reward-hacking condition
+    is an override like the noise one; its table is checked above), each a pipeline flow run through DVC and a
     saved DVC experiment; the report's per-seed values are the runs' own metrics; a second study over a
     seed already run gives that seed's values back (from DVC's run-cache)."""
-    args = [sys.executable, "-m", "flows.study", "--params", str(helpers.SMOKE), "--methods", "dpo", "--noise", "0.4",
+    lean = helpers.lean_params(tmp_path / "params.yaml")
+    args = [sys.executable, "-m", "flows.study", "--params", str(lean), "--methods", "dpo", "--noise", "0.4",
             "--no-hacking", "--workspace", str(tmp_path / "ws"), "--out", str(tmp_path / "study")]
     helpers.run([*args, "--seeds", "0", "1"], cwd=tmp_path, timeout=1200)
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname:lstrip=-1)", "refs/exps"], cwd=tmp_path / "ws",
