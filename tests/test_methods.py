@@ -97,7 +97,7 @@ def test_kto_warns_when_the_weights_are_out_of_range(upstream):
 
 def test_grpo_resumes_exactly_after_a_kill(upstream):
     d = upstream
-    smoke_params(d / "params.yaml", **{"align.grpo.steps": 16, "align.grpo.checkpoint_every": 4,
+    smoke_params(d / "params.yaml", **{"align.grpo.steps": 8, "align.grpo.checkpoint_every": 2,
                                         "align.grpo.probes": 0})
     try:
         helpers.stage("align", *align_args("grpo", "models/g_straight"), cwd=d)
