@@ -170,7 +170,7 @@ def test_a_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(upstre
     takes its shard back on resume."""
     d = upstream
     straight, resumed = (f"models/s_{name}_{'fsdp' if sharded else 'ddp'}" for name in ("straight", "resumed"))
-    smoke_params(d / "params.yaml", **{"sft.steps": 40, "sft.checkpoint_every": 5, "sft.probes": 0})
+    smoke_params(d / "params.yaml", **{"sft.steps": 12, "sft.checkpoint_every": 4, "sft.probes": 0})
     try:
         run(d, "sft", straight, 2, ALIGNPIPE_FSDP=int(sharded))
         env = helpers.env(ALIGNPIPE_PROCESSES=2, ALIGNPIPE_FSDP=int(sharded))
