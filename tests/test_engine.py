@@ -197,9 +197,9 @@ def test_a_model_the_cpu_engine_cannot_run_is_one_line():
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
-    """The smoke chain with 32-wide heads, the vLLM engine in fp32 from pairs on."""
+    """The smoke chain at helpers.LEAN's sizes with 32-wide heads, the vLLM engine in fp32 from pairs on."""
     d = tmp_path_factory.mktemp("engine_chain")
-    sections = {"model.embedded.hidden_size": 64, "model.embedded.num_heads": 2,
+    sections = {**helpers.LEAN, "model.embedded.hidden_size": 64, "model.embedded.num_heads": 2,
                 "model.embedded.intermediate_size": 128}
     smoke_params(d / "params.yaml", **sections)
     helpers.stage("prepare", "--data-out", "data", "--model-out", "models/base", cwd=d)
@@ -240,7 +240,8 @@ def test_pairs_sample_with_the_engine(upstream):
     helpers.stage("pairs", "--prompts", "data/prompts.jsonl", "--sft", "models/sft", "--reward", "models/reward",
                   "--out", "pairs", "--metrics", "metrics/pairs.json", cwd=d)
     metrics = json.loads((d / "metrics" / "pairs.json").read_text())
-    assert metrics["pairs/n_samples"] == 32 * 4 and metrics["engine/pushes"] == 1
+    n_prompts, num_samples = sections["data.embedded.n_prompts"], 4  # params.smoke.yaml's pairs.num_samples
+    assert metrics["pairs/n_samples"] == n_prompts * num_samples and metrics["engine/pushes"] == 1
 
 
 def align_args(out):
@@ -248,14 +249,27 @@ def align_args(out):
             "--reward", "models/reward", "--out", out, "--metrics", f"{out}.json", "--plots", f"{out}.csv"]
 
 
-def test_grpo_with_the_engine_resumes_exactly_after_a_kill(upstream):
-    """Weights pushed every step, the mismatch logged, and a killed run resumed equals an uninterrupted one."""
+GRPO = {"align.grpo.steps": 4, "align.grpo.checkpoint_every": 2, "align.grpo.probes": 2, "align.grpo.log_every": 1,
+        "align.grpo.lr": 1e-3, "align.grpo.reward": {"reward_model": 1.0}}  # a checkpoint at step 2: 2 steps after it
+
+
+@pytest.fixture(scope="module")
+def grpo_straight(upstream):
+    """One uninterrupted GRPO run on 1 process with the engine (GRPO's params): what a resumed run and a
+    2-process run must equal."""
     d, sections = upstream
-    vllm_params(d, sections, **{"align.grpo.steps": 8, "align.grpo.checkpoint_every": 3, "align.grpo.probes": 2,
-                                "align.grpo.log_every": 1})
-    helpers.stage("align", *align_args("models/g_straight"), cwd=d)
+    vllm_params(d, sections, **GRPO)
+    helpers.stage("align", *align_args("models/g_straight"), cwd=d, ALIGNPIPE_PROCESSES=1)
+    return d, sections
+
+
+def test_grpo_with_the_engine_resumes_exactly_after_a_kill(grpo_straight):
+    """Weights pushed every step, the mismatch logged, and a killed run resumed equals an uninterrupted one."""
+    d, sections = grpo_straight
+    vllm_params(d, sections, **GRPO)
     proc = subprocess.Popen([sys.executable, "-m", "stages.align", *align_args("models/g_resumed")], cwd=d,
-                            env=helpers.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=helpers.env(ALIGNPIPE_PROCESSES=1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     meta = d / ".checkpoints" / "align-grpo" / "meta.json"
     deadline = time.time() + 240
     while not meta.exists() and proc.poll() is None and time.time() < deadline:
@@ -263,28 +277,28 @@ def test_grpo_with_the_engine_resumes_exactly_after_a_kill(upstream):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert meta.exists(), "no checkpoint before the stage ended"
-    out = helpers.stage("align", *align_args("models/g_resumed"), cwd=d)
+    out = helpers.stage("align", *align_args("models/g_resumed"), cwd=d, ALIGNPIPE_PROCESSES=1)
     assert "resuming from step" in out.stdout
     a, b = weights(d / "models" / "g_straight"), weights(d / "models" / "g_resumed")
     assert all((a[k] - b[k]).abs().max() < 1e-6 for k in a)
     m = json.loads((d / "models" / "g_straight.json").read_text())
-    assert m["engine/pushes"] >= 8  # one per step (the probes after a step find nothing new) and the first
+    steps = GRPO["align.grpo.steps"]
+    assert m["engine/pushes"] >= steps  # one per step (the probes after a step find nothing new) and the first
     assert m["rollout/logp_gap"] < 1e-3 and m["rollout/sampler_logp_gap"] < 1e-4
     assert m["rollout/tis_capped"] == 0.0 and abs(m["rollout/tis_weight"] - 1) < 1e-3
     shutil.rmtree(d / ".checkpoints", ignore_errors=True)
 
 
-def test_two_processes_with_the_engine_equal_one(upstream):
-    """Launched on 2 processes, each samples its share of the rows with an engine of its own (every row its
-    own seed), so the GRPO run makes the updates 1 process makes."""
+def test_two_processes_with_the_engine_equal_one(grpo_straight):
+    """Launched on 2 processes, each samples its share of the rows (and of the probes) with an engine of its
+    own (every row its own seed), so the GRPO run makes the updates 1 process makes (the shared straight run)."""
     from tests.test_modes import TOL, max_gap
 
-    d, sections = upstream
-    vllm_params(d, sections, **{"align.grpo.steps": 3, "align.grpo.lr": 1e-3, "align.grpo.probes": 0,
-                                "align.grpo.reward": {"reward_model": 1.0}})
-    helpers.stage("align", *align_args("models/g_1p"), cwd=d, ALIGNPIPE_PROCESSES=1)
+    d, sections = grpo_straight
+    vllm_params(d, sections, **GRPO)
+    shutil.rmtree(d / ".checkpoints", ignore_errors=True)  # nothing to resume from
     helpers.stage("align", *align_args("models/g_2p"), cwd=d, ALIGNPIPE_PROCESSES=2)
-    one, two = weights(d / "models" / "g_1p"), weights(d / "models" / "g_2p")
+    one, two = weights(d / "models" / "g_straight"), weights(d / "models" / "g_2p")
     assert max_gap(one, two) < TOL
     start = weights(d / "models" / "sft")
     assert max(float((one[k] - start[k]).abs().max()) for k in one.keys() & start.keys()) > 100 * TOL  # it trained
