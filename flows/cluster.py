@@ -77,7 +77,8 @@ class Cluster:
         self.env = {**os.environ, **S3_KEYS, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                     "PREFECT_API_URL": f"http://127.0.0.1:{prefect}/api", "PREFECT_HOME": str(scratch / "prefect"),
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
-                    "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+                    "PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_WORKER_QUERY_SECONDS": "1",
+                    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
                     "PREFECT_WORKER_PREFETCH_SECONDS": "1", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow}",
                     "ALIGNPIPE_TRACKING": "mlflow", "DVC_NO_ANALYTICS": "1"}
 

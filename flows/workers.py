@@ -127,8 +127,8 @@ def prepare_dispatch(repo: Path) -> dict:
     DVC remote, the MLflow tracking server and the checkpoint store."""
     from dvc.repo import Repo
 
-    dirty = [line[3:] for line in _git_out(["status", "--porcelain"], repo).splitlines()
-             if line[3:] not in ("params.yaml", "dvc.lock")]
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True)
+    dirty = [line[3:] for line in status.stdout.splitlines() if line[3:] not in ("params.yaml", "dvc.lock")]
     if dirty:
         more = " …" if len(dirty) > 5 else ""
         raise NotDispatchable(f"uncommitted changes to {', '.join(dirty[:5])}{more}: workers run "
