@@ -2,9 +2,6 @@
 pool, the stage job is registered on it (the pipeline through a pool: tests/test_workers.py). Each DVC
 stage is a task run, the comparison table is an artifact, and MLflow gets one parent run per flow run."""
 
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,28 +10,12 @@ import urllib.request
 import pytest
 
 from flows import workspace
+from flows.cluster import free_port, stop
 from tests import helpers
 
 pytestmark = pytest.mark.integration
 
 STAGES = {"check", "prepare", "sft", "reward", "pairs", "align@dpo", "evaluate_sft", "evaluate@dpo", "compare"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            continue
 
 
 @pytest.fixture(scope="module")
