@@ -57,9 +57,9 @@ run: setup
 repro: setup
 	$(BIN)/python -m flows.repro $(ARGS)
 
-# All six methods on the same SFT model, reward model and pairs: sets align.methods in params.yaml.
+# Every method on the same SFT model, reward model and pairs: sets align.methods in params.yaml.
 compare: setup
-	$(BIN)/python -m flows.pipeline --methods ppo dpo ipo kto grpo rloo
+	$(BIN)/python -m flows.pipeline --methods ppo dpo ipo kto simpo orpo grpo rloo gspo cispo reinforce_pp
 	$(UI_HINT)
 
 # The comparison over several seeds with 95% intervals and paired tests, plus the noisy-preference and

@@ -33,6 +33,12 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
+def columns(cfg) -> list[tuple[str, str, str]]:
+    """COLUMNS with a pass@k column after accuracy for each k of evaluate.pass_k (when pass_n > 0)."""
+    ks = cfg.evaluate.pass_k if cfg.evaluate.pass_n else []
+    return COLUMNS[:1] + [(f"eval/pass_at_{k}", f"pass@{k}", "{:.1%}") for k in ks] + COLUMNS[1:]
+
+
 def stability(plot_csv: Path) -> float | None:
     """Std, in accuracy points, of the last probe readings of a training run (None without probes)."""
     if not plot_csv.exists():
@@ -55,12 +61,12 @@ def collect(names: list[str], metrics_dir: Path, plots_dir: Path) -> list[dict]:
     return table
 
 
-def markdown(table: list[dict]) -> str:
-    head = "| policy | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    rule = "|---|" + "---:|" * len(COLUMNS)
+def markdown(table: list[dict], cols: list[tuple[str, str, str]] = COLUMNS) -> str:
+    head = "| policy | " + " | ".join(h for _, h, _ in cols) + " |"
+    rule = "|---|" + "---:|" * len(cols)
     lines = [head, rule]
     for row in table:
-        cells = [fmt.format(row[k]) if row.get(k) is not None else "n/a" for k, _, fmt in COLUMNS]
+        cells = [fmt.format(row[k]) if row.get(k) is not None else "n/a" for k, _, fmt in cols]
         lines.append(f"| {row['policy']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -91,24 +97,25 @@ def main(argv=None) -> str:
     cfg = config.load(args.params)
     names = ["sft", *cfg.align.methods]
     table = collect(names, Path(args.metrics), Path(args.plots))
+    cols = columns(cfg)
 
     out = Path(args.out)
-    md = markdown(table)
+    md = markdown(table, cols)
     with tracking.stage_run("compare", params={"align.methods": cfg.align.methods}) as tr:
         with io.atomic_dir(out) as tmp:
             (tmp / "comparison.md").write_text("# Method comparison (held-out prompts)\n\n" + md)
             io.write_json(tmp / "comparison.json", table)
-            io.write_csv(tmp / "comparison.csv", [{"policy": r["policy"], **{k: r.get(k) for k, _, _ in COLUMNS}}
+            io.write_csv(tmp / "comparison.csv", [{"policy": r["policy"], **{k: r.get(k) for k, _, _ in cols}}
                                                   for r in table])
             plot(table, tmp / "comparison.png")
         for name in ("comparison.md", "comparison.png", "comparison.csv", "comparison.json"):
             tr.log_artifact(out / name)
-        tr.log_metrics({f"{r['policy']}/{k}": r[k] for r in table for k, _, _ in COLUMNS if r.get(k) is not None})
+        tr.log_metrics({f"{r['policy']}/{k}": r[k] for r in table for k, _, _ in cols if r.get(k) is not None})
         for r in table:  # one row per method in MLflow: its params, evaluation and cost
             section = cfg.sft if r["policy"] == "sft" else cfg.align.method(r["policy"])
             tr.summary(r["policy"], {"seed": cfg.seed, **section.model_dump()},
-                       {k: r[k] for k, _, _ in COLUMNS if r.get(k) is not None})
-        tr.methods_view([k for k, _, _ in COLUMNS])
+                       {k: r[k] for k, _, _ in cols if r.get(k) is not None})
+        tr.methods_view([k for k, _, _ in cols])
     print(md, end="")
     return f"compare: {len(table)} policies ({', '.join(names)}) → {out}/comparison.md, comparison.png"
 

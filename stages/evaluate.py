@@ -4,7 +4,8 @@
         --train-metrics metrics/train_dpo.json --baseline evals/sft.jsonl \
         --out metrics/eval_dpo.json --answers evals/dpo.jsonl
 
-eval/accuracy       greedy answers the verifier accepts
+eval/accuracy       greedy answers the verifier accepts (pass@1 of the greedy answer)
+eval/pass_at_<k>    pass@k from `evaluate.pass_n` samples per prompt at `pass_temperature` (unbiased estimator)
 eval/reward_mean    mean reward-model score of the greedy answers (standardized scale)
 eval/win_rate_vs_sft  share of prompts where the answer outscores SFT's under the reward model (tie = ½)
 eval/kl_to_ref      KL(π‖π_sft) per completion, on `evaluate.kl_samples` samples per prompt
@@ -67,10 +68,19 @@ def main(argv=None) -> str:
         else:  # the SFT policy is the reference: KL 0, and it ties with itself
             win, kl = 0.5, 0.0
 
+        pass_at = {}
+        if c.pass_n:
+            with models.autocast(device):
+                samples = evaluation.generate(policy, tok, prompt_ids, c.max_new_tokens, c.batch_size,
+                                              c.pass_temperature, c.pass_n, cfg.seed + 1, eng)
+            checked = evaluation.verifier_scores(samples.texts, [r.get("answer") for r in rows], cfg.verifier,
+                                                 c.pass_n)
+            pass_at = {f"eval/pass_at_{k}": evaluation.mean_pass_at_k(checked, c.pass_n, k) for k in c.pass_k}
+
         train_metrics = io.read_json(args.train_metrics)
         metrics = {
             "eval/accuracy": evaluation.accuracy(correct), "eval/reward_mean": float(scores.mean()),
-            "eval/win_rate_vs_sft": win, "eval/kl_to_ref": kl, "eval/length": float(lengths.mean()),
+            **pass_at, "eval/win_rate_vs_sft": win, "eval/kl_to_ref": kl, "eval/length": float(lengths.mean()),
             "eval/n_prompts": len(rows), "eval/wall_s": time.perf_counter() - t0,
             **{k: v for k, v in train_metrics.items() if k.startswith("cost/")}, **(eng.stats if eng else {}),
         }

@@ -72,3 +72,47 @@ def test_whiten():
 def test_whiten_with_nothing_scored_is_zero_not_nan():
     """A rollout where every completion had no reward leaves an all-zero mask: no signal, 0 advantages."""
     assert adv.whiten(T([[1.0, 2.0]]), T([[0, 0]])).tolist() == [[0.0, 0.0]]
+
+
+def test_reinforce_pp_by_hand():
+    """R = 1, 0; per-token k1 KL 0.1, 0.2, 0.3 and 0.5, −0.5 (the second has 2 tokens); β = 0.1. Token rewards
+    −0.01, −0.02, −0.03 + 1 and −0.05, +0.05 + 0; returns Σ_{s≥t}: 0.94, 0.95, 0.97 and 0.0, 0.05. Over the 5 valid
+    tokens: mean 0.582, std (n − 1) 0.5088910 → 0.7034906, 0.7231412, 0.7624423, −1.1436635, −1.0454106."""
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, -0.5, 9.0]])  # 9 sits on padding
+    a = adv.reinforce_pp_advantages(torch.tensor([1.0, 0.0]), mask, kl, beta=0.1)
+    expected = [[0.7034906, 0.7231412, 0.7624423], [-1.1436635, -1.0454106, 0.0]]
+    assert torch.allclose(a, torch.tensor(expected), atol=1e-5)
+
+
+def reinforce_pp_reference(rewards, masks, kls, beta, group):
+    """REINFORCE++ from the paper's equations in plain Python (lists, loops), independent of the tensor code."""
+    if group:
+        base = []
+        for i in range(0, len(rewards), group):
+            g = rewards[i:i + group]
+            base += [r - sum(g) / len(g) for r in g]
+        rewards = base
+    returns = []
+    for r, m, k in zip(rewards, masks, kls):
+        n = int(sum(m))
+        step_rewards = [-beta * k[t] + (r if t == n - 1 else 0.0) for t in range(n)]
+        returns.append([sum(step_rewards[t:]) for t in range(n)])
+    flat = [g for row in returns for g in row]
+    mean = sum(flat) / len(flat)
+    std = (sum((g - mean) ** 2 for g in flat) / (len(flat) - 1)) ** 0.5
+    return [[(g - mean) / std for g in row] + [0.0] * (len(m) - len(row)) for row, m in zip(returns, masks)]
+
+
+@pytest.mark.parametrize("group", [None, 4])
+def test_reinforce_pp_matches_the_papers_equations(group):
+    """8 completions of ragged lengths, random rewards and KLs: the tensor code equals the plain-Python one
+    (plain REINFORCE++ and the group-mean baseline)."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 3, 1, 4, 2, 5, 5, 3]
+    mask = torch.tensor([[1.0] * n + [0.0] * (5 - n) for n in lengths])
+    kl = torch.randn(8, 5, generator=g) * 0.3
+    rewards = torch.rand(8, generator=g)
+    ours = adv.reinforce_pp_advantages(rewards, mask, kl * mask, beta=0.05, group_size=group)
+    ref = reinforce_pp_reference(rewards.tolist(), mask.tolist(), kl.tolist(), 0.05, group)
+    assert torch.allclose(ours, torch.tensor(ref), atol=1e-5)

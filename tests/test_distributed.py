@@ -51,6 +51,11 @@ def run(d, stage: str, out: str, processes: int, **extra):
     ("reward", "reward", {"steps": 6, "lora": {"r": 4}}, True),
     ("grpo", "align.grpo", {"steps": 3, "lr": 1e-2, "reward": {"reward_model": 1.0}, "lora": {"r": 4},
                             "logprob_chunk": 3, "beta": 0.1}, True),
+    ("simpo", "align.simpo", {"steps": 4, "lr": 1e-3}, False),
+    ("orpo", "align.orpo", {"steps": 4, "lr": 1e-3}, True),
+    ("gspo", "align.gspo", {"steps": 2, "lr": 1e-3, "reward": {"reward_model": 1.0}, "epsilon": 0.05}, False),
+    ("cispo", "align.cispo", {"steps": 2, "lr": 1e-3, "reward": {"reward_model": 1.0}, "epsilon_max": 1.05}, True),
+    ("reinforce_pp", "align.reinforce_pp", {"steps": 3, "lr": 1e-3, "reward": {"reward_model": 1.0}}, True),
 ], ids=lambda v: "fsdp" if v is True else "ddp" if v is False else "lora" if isinstance(v, dict) and "lora" in v
     else None)
 def test_two_processes_equal_one(upstream, stage, section, settings, sharded):  # noqa: F811
@@ -74,8 +79,9 @@ def test_two_processes_equal_one(upstream, stage, section, settings, sharded):  
     start = weights(d / ("models/base" if stage == "sft" else "models/sft"))
     assert max(float((one_w[k] - start[k]).abs().max()) for k in one_w.keys() & start.keys()) > 100 * TOL  # it trained
     m1, m2 = (json.loads((d / f"{out}.json").read_text()) for out in (f"models/{stage}_1p", two_out))
-    assert m2["train/loss"] == pytest.approx(m1["train/loss"], rel=1e-4)
-    assert m2["train/grad_norm"] == pytest.approx(m1["train/grad_norm"], rel=1e-4)
+    # abs: REINFORCE++'s whitened advantages make its loss ~1e-8 at ratio 1: only absolute agreement means anything
+    assert m2["train/loss"] == pytest.approx(m1["train/loss"], rel=1e-4, abs=1e-6)
+    assert m2["train/grad_norm"] == pytest.approx(m1["train/grad_norm"], rel=1e-4, abs=1e-6)
 
 
 def test_a_lora_adapter_saved_alone_under_fsdp_equals_one_process(upstream):  # noqa: F811

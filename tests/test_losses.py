@@ -205,3 +205,66 @@ def test_rloo_and_ppo_take_the_importance_weight():
     loss, _ = losses.ppo_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), 0.2,
                                      torch.tensor([[2.0, 0.0]]))
     assert loss.item() == pytest.approx(-1.0)
+
+
+def test_simpo_by_hand():
+    """logp_c = −2 over 4 tokens (mean −0.5), logp_r = −6 over 3 (mean −2); β = 2, γ = 1: βh − γ = 2·1.5 − 1 = 2,
+    L = log(1 + e^−2) = 0.1269280; rewards β·mean = −1, −4. dL/dlogp_c = −σ(−2)·β/|y_c| = −0.1192029·2/4 =
+    −0.0596015, dL/dlogp_r = +0.1192029·2/3 = 0.0794686. No reference enters."""
+    pi_c, pi_r = T([-2.0], requires_grad=True), T([-6.0], requires_grad=True)
+    loss, r_c, r_r = losses.simpo_loss(pi_c, pi_r, T([4.0]), T([3.0]), beta=2.0, gamma=1.0)
+    assert loss.item() == pytest.approx(0.1269280, abs=1e-6)
+    assert (r_c.item(), r_r.item()) == (pytest.approx(-1.0), pytest.approx(-4.0))
+    loss.sum().backward()
+    assert pi_c.grad.item() == pytest.approx(-0.0596015, abs=1e-6)
+    assert pi_r.grad.item() == pytest.approx(0.0794686, abs=1e-6)
+
+
+def test_orpo_by_hand():
+    """The same pair, λ = 0.1. p̄_c = e^−0.5 = 0.6065307, p̄_r = e^−2 = 0.1353353; log odds = log(p̄/(1 − p̄)):
+    0.4337808 and −1.8535579, difference 2.2873387. L = 0.5 (the SFT term, −mean logp_c) − 0.1·log σ(2.2873387)
+    = 0.5 + 0.1·0.0967059 = 0.5096706. d log odds / d mean = 1/(1 − p̄): dL/dlogp_c = (−1 − 0.1·σ(−2.2873387)/
+    0.3934693)/4 = −0.2558567, dL/dlogp_r = 0.1·σ(−2.2873387)/0.8646647/3 = 0.0035535."""
+    pi_c, pi_r = T([-2.0], requires_grad=True), T([-6.0], requires_grad=True)
+    loss, r_c, r_r = losses.orpo_loss(pi_c, pi_r, T([4.0]), T([3.0]), lam=0.1)
+    assert loss.item() == pytest.approx(0.5096706, abs=1e-6)
+    assert (r_c.item(), r_r.item()) == (pytest.approx(-0.05), pytest.approx(-0.2))
+    loss.sum().backward()
+    assert pi_c.grad.item() == pytest.approx(-0.2558567, abs=1e-6)
+    assert pi_r.grad.item() == pytest.approx(0.0035535, abs=1e-6)
+
+
+def test_orpo_of_a_certain_completion_is_finite():
+    """A chosen completion whose every token has log-prob 0 in fp32: log(1 − p̄) would be −inf; capped, finite."""
+    pi_c = T([0.0], requires_grad=True)
+    loss, _, _ = losses.orpo_loss(pi_c, T([-6.0]), T([4.0]), T([3.0]), lam=0.1)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(pi_c.grad).all()
+
+
+def test_gspo_sequence_ratio_by_hand():
+    """Sequence 1: token log-ratios 0.1, 0.3 → s = e^0.2 = 1.2214028, A = 1: clipped to 1.2 (ε 0.2), loss −1.2 on each
+    token and no gradient. Sequence 2: one token, log-ratio −0.1 → s = 0.9048374, A = −1: inside the range, loss
+    +0.9048374. loss_type grpo: (−1.2 + 0.9048374)/2 = −0.1475813; clipfrac 2 of 3 tokens; the gradient on sequence
+    2's token is d(s/2)/dlogp = s/(2·|y|) = 0.4524187, and 0 on sequence 1's (clipped)."""
+    mask = T([[1.0, 1.0], [1.0, 0.0]])
+    old = T([[-1.0, -2.0], [-1.0, -3.0]])
+    logps = (old + T([[0.1, 0.3], [-0.1, 0.7]])).requires_grad_()  # 0.7 sits on padding
+    loss, stats = losses.grpo_loss(logps, old, None, T([1.0, -1.0]), mask, 0.2, 0.2, 0.0, "grpo", level="sequence")
+    assert loss.item() == pytest.approx(-0.1475813, abs=1e-6)
+    assert stats["clipfrac"] == pytest.approx(2 / 3)
+    loss.backward()
+    assert logps.grad.tolist() == [[0.0, 0.0], [pytest.approx(0.4524187, abs=1e-6), 0.0]]
+
+
+def test_cispo_keeps_the_gradient_of_a_capped_token():
+    """Token ratios e^0.1 = 1.1051709 and e^2 = 7.389 (capped at ε_max 5), A = 1, logp = −1, −0.5: ℓ = −w·A·logp =
+    1.1051709 and 2.5; dapo over 2 tokens: 1.8025855. The gradient is −w·A/2: −0.5525855 and −2.5, so the capped
+    token still learns (PPO's clip would give it 0); clipfrac 1/2."""
+    logps = T([[-1.0, -0.5]], requires_grad=True)
+    old = T([[-1.1, -2.5]])
+    loss, stats = losses.cispo_loss(logps, old, None, T([1.0]), T([[1.0, 1.0]]), 5.0, 0.0, "dapo", batch_tokens=2.0)
+    assert loss.item() == pytest.approx(1.8025855, abs=1e-6)
+    assert stats["clipfrac"] == pytest.approx(0.5)
+    loss.backward()
+    assert logps.grad[0].tolist() == [pytest.approx(-0.5525855, abs=1e-6), pytest.approx(-2.5, abs=1e-6)]

@@ -65,6 +65,11 @@ ACCUMULATION = [
     ("align.grpo", {"steps": 2, "lr": 1e-3, "loss_type": "dr_grpo", "reward": {"reward_model": 1.0}}, 5),
     ("align.rloo", {"steps": 2, "lr": 1e-3, "reward": {"reward_model": 1.0}}, 3),
     ("align.ppo", {"steps": 2, "lr": 1e-3}, 3),
+    ("align.simpo", {"steps": 3, "lr": 1e-3}, 3),
+    ("align.orpo", {"steps": 3, "lr": 1e-3}, 3),
+    ("align.gspo", {"steps": 2, "lr": 1e-3, "reward": {"reward_model": 1.0}, "epsilon": 0.05, "epsilon_high": 0.05}, 3),
+    ("align.cispo", {"steps": 2, "lr": 1e-3, "reward": {"reward_model": 1.0}, "epsilon_max": 1.05}, 3),  # dapo
+    ("align.reinforce_pp", {"steps": 2, "lr": 1e-3, "reward": {"reward_model": 1.0}}, 5),
 ]
 
 

@@ -1,5 +1,6 @@
 """Our losses and advantages against TRL 1.16's own code on identical inputs (fp32, within 1e-5; values and grads)."""
 
+import os
 from types import MethodType, SimpleNamespace
 
 import pytest
@@ -17,6 +18,7 @@ from tests.trl_oracle import (
     trainer_self,
 )
 
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # SimPO (CPO) and ORPO live in trl.experimental
 trl = pytest.importorskip("trl")
 TOL = 1e-5
 
@@ -203,13 +205,14 @@ def rollout():
     return mask, policy, old, ref, adv
 
 
-def grpo_trl(rollout, loss_type, bias_correction_kl=False, ga=1, steps_per_generation=1, num_items=None):
+def grpo_trl(rollout, loss_type, bias_correction_kl=False, ga=1, steps_per_generation=1, num_items=None,
+             level="token", epsilon_low=0.2, epsilon_high=0.28):
     """GRPOTrainer._compute_loss on the rollout (β = 0.04, ε = 0.2/0.28, max_completion_length 8) → (loss, self)."""
     from trl import GRPOTrainer
 
     mask, policy, old, ref, adv = rollout
-    s = rl_self(GRPOTrainer, loss_type=loss_type, beta=0.04, epsilon_low=0.2, epsilon_high=0.28,
-                importance_sampling_level="token", current_gradient_accumulation_steps=ga, max_completion_length=8)
+    s = rl_self(GRPOTrainer, loss_type=loss_type, beta=0.04, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                importance_sampling_level=level, current_gradient_accumulation_steps=ga, max_completion_length=8)
     s.args = SimpleNamespace(use_bias_correction_kl=bias_correction_kl, delta=None,
                              steps_per_generation=steps_per_generation, gradient_checkpointing_kwargs=None)
     ids, inputs = rl_inputs(mask, advantages=adv, old_per_token_logps=old, ref_per_token_logps=ref,
@@ -238,6 +241,37 @@ def test_grpo_matches_trl(rollout, loss_type, ga, spg, num_items):
     assert 0 < stats["clipfrac"] < 1  # the clip binds on some tokens, not all
     assert stats["clipfrac"] == pytest.approx(m["clip_ratio/region_mean"], abs=TOL)
     assert stats["kl"] == pytest.approx(m["kl"], abs=TOL)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_gspo_matches_trl_sequence_level(rollout, loss_type):
+    """GSPO = grpo_loss(level="sequence") vs GRPOTrainer._compute_loss with importance_sampling_level="sequence":
+    loss and grads (grpo: TRL's GSPO recipe; dapo: the length-weighted form TRL warns about, same arithmetic).
+    ε = 0.05/0.07, so that the sequence ratios (means of token ratios, closer to 1) are clipped on some rows."""
+    mask, policy, old, ref, adv = rollout
+    trl_loss, s = grpo_trl(rollout, loss_type, level="sequence", epsilon_low=0.05, epsilon_high=0.07)
+    ours, stats = losses.grpo_loss(policy, old, ref, adv, mask, 0.05, 0.07, 0.04, loss_type, max_completion_length=8,
+                                   batch_tokens=float(mask.sum()), level="sequence")
+    assert ours.item() == pytest.approx(trl_loss.item(), abs=TOL)
+    assert torch.allclose(grads(ours, policy)[0], grads(trl_loss, policy)[0], atol=TOL)
+    assert 0 < stats["clipfrac"] < 1
+    token_level, _ = losses.grpo_loss(policy, old, ref, adv, mask, 0.05, 0.07, 0.04, loss_type, max_completion_length=8,
+                                      batch_tokens=float(mask.sum()))
+    assert abs(token_level.item() - ours.item()) > 1e-3  # the sequence ratio is not the token one on these inputs
+
+
+@pytest.mark.parametrize("ga, spg, num_items", [(1, 1, None), (2, 4, 60.0)])
+def test_cispo_matches_trl(rollout, ga, spg, num_items):
+    """cispo_loss vs GRPOTrainer._compute_loss with loss_type="cispo" (ε_max = epsilon_high = 1.2, so some weights are
+    capped): loss, grads and TRL's cispo_clip_ratio; the normaliser as dapo's."""
+    mask, policy, old, ref, adv = rollout
+    trl_loss, s = grpo_trl(rollout, "cispo", ga=ga, steps_per_generation=spg, num_items=num_items, epsilon_high=1.2)
+    batch_tokens = (float(mask.sum()) if num_items is None else num_items) * ga / spg
+    ours, stats = losses.cispo_loss(policy, old, ref, adv, mask, 1.2, 0.04, "dapo", batch_tokens=batch_tokens)
+    assert ours.item() == pytest.approx(trl_loss.item(), abs=TOL)
+    assert torch.allclose(grads(ours, policy)[0], grads(trl_loss, policy)[0], atol=TOL)
+    assert 0 < stats["clipfrac"] < 1
+    assert stats["clipfrac"] == pytest.approx(last_metrics(s)["cispo_clip_ratio"], abs=TOL)
 
 
 def test_grpo_bias_corrected_kl_is_a_known_difference(rollout):
@@ -340,3 +374,67 @@ def test_rloo_loss_matches_trl(rloo_batch):
     assert torch.allclose(grads(ours, policy)[0], grads(trl_loss, policy)[0], atol=TOL)
     assert 0 < clipped.mean().item() < 1
     assert clipped.mean().item() == pytest.approx(last_metrics(s)["clip_ratio/region_mean"], abs=TOL)
+
+
+# ------------------------------------------------------------------------------------------------ SimPO and ORPO
+
+def chosen_rejected_logits(equal_lengths: bool):
+    """3 chosen + 3 rejected sequences of 7 positions over a 11-token vocabulary: logits [6, 7, 11], labels with -100
+    on the 2-token prompt and the padding (ragged completions unless equal_lengths) → (logits, labels, our per-token
+    log-probs [6, 6] and completion mask [6, 6] in the shifted frame TRL uses)."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(6, 7, 11, generator=g).requires_grad_()
+    labels = torch.randint(0, 11, (6, 7), generator=g)
+    labels[:, :2] = -100
+    lengths = [5] * 6 if equal_lengths else [5, 3, 4, 2, 5, 1]
+    for i, n in enumerate(lengths):
+        labels[i, 2 + n:] = -100
+    target = labels[:, 1:]
+    mask = (target != -100).float()
+    logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) * mask
+    return logits, labels, logps, mask
+
+
+def test_simpo_matches_trl_cpo_trainer():
+    """simpo_loss vs CPOTrainer (loss_type="simpo", cpo_alpha 0 so no NLL term) from the same logits: TRL's own
+    get_batch_logps(average_log_prob=True) and cpo_loss; loss, grads w.r.t. the logits, rewards."""
+    from trl.experimental.cpo import CPOTrainer
+
+    logits, labels, logps, mask = chosen_rejected_logits(equal_lengths=False)
+    avg = CPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
+    s = trainer_self(alpha=0.0, loss_type="simpo", simpo_gamma=1.0, beta=2.0, label_smoothing=0.1)
+    trl_losses, trl_c, trl_r = CPOTrainer.cpo_loss(s, avg[:3], avg[3:])
+    seq, lengths = logps.sum(-1), mask.sum(-1)
+    ours, r_c, r_r = losses.simpo_loss(seq[:3], seq[3:], lengths[:3], lengths[3:], 2.0, 1.0, label_smoothing=0.1)
+    assert torch.allclose(ours, trl_losses, atol=TOL)
+    assert torch.allclose(grads(ours.mean(), logits)[0], grads(trl_losses.mean(), logits)[0], atol=TOL)
+    assert torch.allclose(r_c, trl_c, atol=TOL) and torch.allclose(r_r, trl_r, atol=TOL)
+
+
+@pytest.mark.parametrize("equal_lengths", [True, False])
+def test_orpo_matches_trl_orpo_trainer(equal_lengths):
+    """orpo_loss vs ORPOTrainer from the same logits: its get_batch_logps(average_log_prob=True), odds_ratio_loss
+    and, for the SFT term, the cross-entropy over the chosen completions' tokens its concatenated_forward takes.
+    The odds-ratio term and the rewards always match; the SFT term matches when the chosen completions have equal
+    lengths. With ragged ones TRL's token mean over the batch weighs long completions more than our per-pair mean
+    (the paper's form)."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    logits, labels, logps, mask = chosen_rejected_logits(equal_lengths)
+    avg = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
+    s = trainer_self(beta=0.1)
+    trl_or, trl_c, trl_r, _, _ = ORPOTrainer.odds_ratio_loss(s, avg[:3], avg[3:])
+    nll = torch.nn.functional.cross_entropy(logits[:3, :-1].reshape(-1, 11), labels[:3, 1:].reshape(-1),
+                                            ignore_index=-100)
+    trl_loss = nll - trl_or.mean()
+    seq, lengths = logps.sum(-1), mask.sum(-1)
+    per_pair, r_c, r_r = losses.orpo_loss(seq[:3], seq[3:], lengths[:3], lengths[3:], 0.1)
+    ours = per_pair.mean()
+    odds_term = per_pair + seq[:3] / lengths[:3]  # ours without its SFT term: −λ log σ(log odds ratio)
+    assert torch.allclose(odds_term, -trl_or, atol=TOL)
+    assert torch.allclose(r_c, trl_c, atol=TOL) and torch.allclose(r_r, trl_r, atol=TOL)
+    if equal_lengths:
+        assert ours.item() == pytest.approx(trl_loss.item(), abs=TOL)
+        assert torch.allclose(grads(ours, logits)[0], grads(trl_loss, logits)[0], atol=TOL)
+    else:
+        assert abs(ours.item() - trl_loss.item()) > 1e-3

@@ -12,7 +12,8 @@ from stages.methods import registry
 
 def test_every_method_has_a_record_and_a_section():
     registry.check()
-    assert set(registry.REGISTRY) == set(config.METHOD_CONFIGS) == {"ppo", "dpo", "ipo", "kto", "grpo", "rloo"}
+    assert set(registry.REGISTRY) == set(config.METHOD_CONFIGS) == {
+        "ppo", "dpo", "ipo", "kto", "grpo", "rloo", "simpo", "orpo", "gspo", "cispo", "reinforce_pp"}
     assert {m.kind for m in registry.REGISTRY.values()} == {"offline", "online"}
 
 
@@ -29,8 +30,8 @@ def test_a_record_missing_a_piece_is_a_one_line_error(change, message):
 
 
 def test_a_method_without_a_section_or_without_a_record():
-    extra = {**registry.REGISTRY, "simpo": dataclasses.replace(registry.REGISTRY["dpo"], name="simpo")}
-    with pytest.raises(config.ConfigError, match="method 'simpo' has no params section"):
+    extra = {**registry.REGISTRY, "cpo": dataclasses.replace(registry.REGISTRY["dpo"], name="cpo")}
+    with pytest.raises(config.ConfigError, match="method 'cpo' has no params section"):
         registry.check(extra)
     fewer = {n: m for n, m in registry.REGISTRY.items() if n != "rloo"}
     with pytest.raises(config.ConfigError, match="method 'rloo' has a params section .* but no record"):

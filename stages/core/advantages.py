@@ -59,6 +59,33 @@ def rewards_with_kl(rewards: torch.Tensor, old_seq_logps: torch.Tensor, ref_seq_
     return rewards - beta * (old_seq_logps - ref_seq_logps)
 
 
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, beta: float,
+                            group_size: int | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025, arXiv 2501.03262, eq. 5-7): token-level returns of the reward with a per-token KL
+    penalty folded in, normalised over the whole batch.
+
+        r_t = −β·KL_t + 1[t = last] · R          (KL_t = logp_old − logp_ref, k1)
+        G_t = Σ_{s ≥ t} r_s                      (γ = 1)
+        A_t = (G_t − mean) / (std + ε)           (mean, std over every valid token of the batch)
+
+    group_size: the baseline variant (REINFORCE++-baseline, the paper's reasoning setting; OpenRLHF's
+    reinforce_baseline) subtracts the group mean from R first. rewards [N] (NaN: no reward; such rows must be
+    masked out already), mask [N, T], kl [N, T] or None → [N, T], 0 on padding.
+    """
+    r = rewards.to(mask.dtype)
+    if group_size:
+        g = r.view(-1, group_size)
+        r = (g - torch.nanmean(g, dim=1, keepdim=True)).reshape(-1)
+    r = torch.nan_to_num(r, nan=0.0)
+    m = mask.to(r.dtype)
+    last = m.cumsum(-1) == m.sum(-1, keepdim=True)  # at and after the last valid token
+    first_last = last & (m > 0)
+    token_rewards = -beta * kl * m if kl is not None and beta else torch.zeros_like(m)
+    token_rewards = token_rewards + first_last.to(m.dtype) * r[:, None]
+    returns = token_rewards.flip(-1).cumsum(-1).flip(-1) * m  # G_t = Σ_{s ≥ t} r_s
+    return whiten(returns, m) * m
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Normalise over the masked entries: (x − mean)/sqrt(var + ε), unbiased var; the mean is put
     back when shift_mean is False (used to whiten rewards without moving them)."""

@@ -351,6 +351,24 @@ class KTOConfig(OfflineConfig):
         return self
 
 
+class SimPOConfig(OfflineConfig):
+    """SimPO (Meng et al. 2024): reference-free, length-normalised margin against a target γ."""
+
+    beta: float = Field(2.0, gt=0.0)
+    """Reward scale β on the per-token mean log-prob (the paper: 2.0-2.5; TRL's CPOConfig 0.1 is CPO's)."""
+    gamma: float = Field(1.0, ge=0.0)
+    """Target reward margin γ (γ/β = 0.5, the SimPO repository's default gamma_beta_ratio; TRL simpo_gamma 0.5)."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Conservative ε, as DPO's (0: the paper's loss)."""
+
+
+class ORPOConfig(OfflineConfig):
+    """ORPO (Hong et al. 2024): SFT on the chosen completion plus λ times the odds-ratio term, reference-free."""
+
+    beta: float = Field(0.1, gt=0.0)
+    """λ, the weight of the odds-ratio term (the paper and TRL's ORPOConfig beta: 0.1)."""
+
+
 class OnlineConfig(PolicyConfig):
     """Generating during training: sample, score, update."""
 
@@ -366,10 +384,6 @@ class OnlineConfig(PolicyConfig):
     """Passes over each generation batch (μ); above 1 the clipped ratio uses the stored old log-probs."""
     minibatches: int = Field(1, ge=1)
     """Optimizer steps per pass (the generation batch split in this many parts)."""
-    epsilon: float = Field(0.2, gt=0.0, lt=1.0)
-    """Lower clip range ε (ratio ≥ 1 − ε)."""
-    epsilon_high: float = Field(0.2, gt=0.0)
-    """Upper clip range (ratio ≤ 1 + ε_high; DAPO's clip-higher uses 0.28)."""
     reward: RewardWeights = RewardWeights(reward_model=0.0, verifier=1.0)
     """The reward: reward model, verifier, format, or a weighted mix."""
     gen_batch_size: int = Field(256, ge=1)
@@ -379,7 +393,18 @@ class OnlineConfig(PolicyConfig):
     learn from: a wrong answer column, answer format or verifier); 0: never."""
 
 
-class GRPOConfig(OnlineConfig):
+class ClippedConfig(OnlineConfig):
+    """A policy loss with PPO's clipped ratio."""
+
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0)
+    """Lower clip range ε (ratio ≥ 1 − ε)."""
+    epsilon_high: float = Field(0.2, gt=0.0)
+    """Upper clip range (ratio ≤ 1 + ε_high; DAPO's clip-higher uses 0.28)."""
+
+
+class GroupConfig(OnlineConfig):
+    """Group-relative advantages over `num_generations` completions per prompt, token-aggregated loss."""
+
     num_generations: int = Field(8, ge=2)
     """Completions per prompt; the group advantage needs at least 2 (DeepSeekMath 64; TRL 8)."""
     beta: float = Field(0.04, ge=0.0)
@@ -390,7 +415,60 @@ class GRPOConfig(OnlineConfig):
     """Token aggregation of the loss (TRL's default dapo; see losses.aggregate_tokens)."""
 
 
-class RLOOConfig(OnlineConfig):
+class GRPOConfig(GroupConfig, ClippedConfig):
+    pass
+
+
+class GSPOConfig(GroupConfig, ClippedConfig):
+    """GSPO (Zheng et al. 2025): GRPO with the sequence-level ratio; defaults from the paper and TRL's GSPO recipe."""
+
+    beta: float = Field(0.0, ge=0.0)
+    """k3 KL-to-reference coefficient (the paper and TRL's recipe: 0, no reference model held)."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    """Token aggregation: grpo, each sequence counted once (TRL warns that the others weigh a sequence by its
+    length, which is not the paper's per-sequence objective)."""
+    epsilon: float = Field(3.0e-4, gt=0.0, lt=1.0)
+    """Lower clip range of the sequence ratio (the paper: 3e-4)."""
+    epsilon_high: float = Field(4.0e-4, gt=0.0)
+    """Upper clip range of the sequence ratio (the paper: 4e-4)."""
+    minibatches: int = Field(4, ge=1)
+    """Optimizer steps per generation batch (the paper: 4 minibatches per rollout batch, so the ratio moves
+    off 1 and the clip can bind)."""
+
+
+class CISPOConfig(GroupConfig):
+    """CISPO (MiniMax-M1, Chen et al. 2025): the clipped importance weight, detached, scales the log-prob."""
+
+    beta: float = Field(0.0, ge=0.0)
+    """k3 KL-to-reference coefficient (MiniMax-M1 and ScaleRL use none)."""
+    epsilon_max: float = Field(5.0, gt=1.0)
+    """Upper bound of the importance weight, min(r, ε_max) (ScaleRL and TRL's recommended 5.0)."""
+    minibatches: int = Field(4, ge=1)
+    """Optimizer steps per generation batch (MiniMax-M1 takes several off-policy updates per batch; with one
+    the weight is exactly 1 and CISPO is on-policy GRPO)."""
+
+
+class ReinforcePPConfig(ClippedConfig):
+    """REINFORCE++ (Hu 2025): token returns with a k1 KL penalty in the reward, normalised over the batch."""
+
+    num_generations: int = Field(8, ge=1)
+    """Completions per prompt (1 is plain REINFORCE++; the baseline variant needs at least 2)."""
+    baseline: Literal["group", "none"] = "group"
+    """group: REINFORCE++-baseline, each prompt's mean reward subtracted first (the paper's setting for
+    reasoning tasks, OpenRLHF's reinforce_baseline); none: REINFORCE++ as first published."""
+    beta: float = Field(0.01, ge=0.0)
+    """Per-token k1 KL coefficient folded into the reward (OpenRLHF's init_kl_coef 0.01)."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    """Token aggregation of the loss (dapo: the token mean over the generation batch, OpenRLHF's token-level loss)."""
+
+    @model_validator(mode="after")
+    def _group(self):
+        if self.baseline == "group" and self.num_generations < 2:
+            raise ValueError("baseline group needs num_generations >= 2 (a group mean of one reward is itself)")
+        return self
+
+
+class RLOOConfig(ClippedConfig):
     num_generations: int = Field(4, ge=2)
     """Completions per prompt; the leave-one-out baseline needs at least 2 (TRL default 2)."""
     beta: float = Field(0.05, ge=0.0)
@@ -399,7 +477,7 @@ class RLOOConfig(OnlineConfig):
     """Standardize advantages over the batch (TRL option, off by default)."""
 
 
-class PPOConfig(OnlineConfig):
+class PPOConfig(ClippedConfig):
     num_generations: int = Field(1, ge=1)
     """Completions per prompt (PPO needs no group: the critic is the baseline)."""
     num_iterations: int = Field(4, ge=1)
@@ -441,6 +519,11 @@ class AlignConfig(Section):
     kto: KTOConfig = KTOConfig()
     grpo: GRPOConfig = GRPOConfig()
     rloo: RLOOConfig = RLOOConfig()
+    gspo: GSPOConfig = GSPOConfig()
+    cispo: CISPOConfig = CISPOConfig()
+    reinforce_pp: ReinforcePPConfig = ReinforcePPConfig()
+    simpo: SimPOConfig = SimPOConfig()
+    orpo: ORPOConfig = ORPOConfig()
 
     @field_validator("methods")
     @classmethod
@@ -473,6 +556,19 @@ class EvaluateConfig(Section):
     """Sampled completions per prompt for the KL-to-reference estimate."""
     batch_size: int = Field(128, ge=1)
     """Sequences per generation / scoring batch."""
+    pass_n: int = Field(16, ge=0)
+    """Samples per prompt for pass@k (0: off); eval/accuracy stays the greedy pass@1."""
+    pass_k: list[int] = [1, 4, 16]
+    """The k of each eval/pass_at_<k> (the unbiased estimator of Chen et al. 2021 from pass_n samples; k ≤ pass_n).
+    pass@1 here is the mean accuracy of the samples, not the greedy answer's."""
+    pass_temperature: float = Field(1.0, gt=0.0)
+    """Sampling temperature of the pass@k samples (evaluation only; training keeps its own)."""
+
+    @model_validator(mode="after")
+    def _pass_k(self):
+        if self.pass_n and any(k < 1 or k > self.pass_n for k in self.pass_k):
+            raise ValueError(f"pass_k: every k must be in 1..pass_n ({self.pass_n}), got {self.pass_k}")
+        return self
 
 
 class StudyConfig(Section):

@@ -66,6 +66,29 @@ def accuracy(scores: list[float | None]) -> float | None:
     return sum(checked) / len(checked) if checked else None
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimator (Chen et al. 2021, arXiv 2107.03374, eq. 1) for one prompt with c correct
+    of n samples: 1 − C(n − c, k)/C(n, k), the chance that k of the n drawn without replacement hold a correct
+    one; computed as 1 − Π_{i=n−c+1..n} (1 − k/i), the paper's numerically stable form."""
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def mean_pass_at_k(scores: list[float | None], n: int, k: int) -> float | None:
+    """pass@k averaged over prompts, from the verifier scores of n samples per prompt (grouped); a prompt whose
+    samples the verifier could not check is left out; None if none could be checked."""
+    per_prompt = []
+    for i in range(0, len(scores), n):
+        group = [s for s in scores[i:i + n] if s is not None]
+        if len(group) == n:
+            per_prompt.append(pass_at_k(n, sum(s >= 1.0 for s in group), k))
+    return sum(per_prompt) / len(per_prompt) if per_prompt else None
+
+
 @torch.no_grad()
 def probe_accuracy(model, tok, probe_rows: list[dict], max_new_tokens: int, batch_size: int,
                    verifier=None, engine=None) -> float | None:

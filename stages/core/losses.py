@@ -88,6 +88,53 @@ def ipo_loss(pi_chosen_logps: torch.Tensor, pi_rejected_logps: torch.Tensor,
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+def simpo_loss(pi_chosen_logps: torch.Tensor, pi_rejected_logps: torch.Tensor,
+               chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
+               beta: float, gamma: float, label_smoothing: float = 0.0):
+    """SimPO (Meng et al. 2024, arXiv 2405.14734, eq. 6): reference-free, the margin of the length-normalised
+    log-likelihoods against a target margin γ.
+
+        h = logp_θ(y_c)/|y_c| − logp_θ(y_r)/|y_r|
+        L = −(1 − ε) log σ(βh − γ) − ε log σ(−(βh − γ))
+
+    Inputs [B] (lengths: completion tokens) → (losses [B], chosen_rewards [B], rejected_rewards [B]),
+    rewards = β·logp/|y|, detached (TRL's CPOTrainer with loss_type="simpo": its logits are h − γ/β).
+    """
+    avg_c = pi_chosen_logps / chosen_lengths.clamp(min=1)
+    avg_r = pi_rejected_logps / rejected_lengths.clamp(min=1)
+    logits = beta * (avg_c - avg_r) - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return losses, beta * avg_c.detach(), beta * avg_r.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, stable at both ends (Mächler 2012): log(−expm1(x)) above −ln 2, else
+    log1p(−exp(x)). x is capped at −1e-6 first: a completion the model is certain of (every token's
+    log-prob rounds to 0 in fp32) would give log 0 = −inf and a NaN loss; TRL's has no cap."""
+    x = x.clamp(max=-1e-6)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(pi_chosen_logps: torch.Tensor, pi_rejected_logps: torch.Tensor,
+              chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, lam: float):
+    """ORPO (Hong et al. 2024, arXiv 2403.07691, eq. 6-7): SFT on the chosen completion plus the odds-ratio
+    term, reference-free. With p̄(y) = exp(logp_θ(y)/|y|) (the per-token mean, as the paper and TRL),
+
+        log odds(y) = log p̄(y) − log(1 − p̄(y))
+        L = −logp_θ(y_c)/|y_c|  −  λ · log σ(log odds(y_c) − log odds(y_r))
+
+    Inputs [B] → (losses [B], chosen_rewards [B], rejected_rewards [B]), rewards = λ·logp/|y| detached
+    (TRL's ORPOTrainer logs these). The SFT term is each pair's per-token mean (the paper, LLaMA-Factory);
+    TRL's ORPOTrainer takes the token mean over all chosen completions of the batch instead, which weighs
+    long completions more (equal lengths: the same).
+    """
+    avg_c = pi_chosen_logps / chosen_lengths.clamp(min=1)
+    avg_r = pi_rejected_logps / rejected_lengths.clamp(min=1)
+    log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
+    losses = -avg_c - lam * F.logsigmoid(log_odds)
+    return losses, lam * avg_c.detach(), lam * avg_r.detach()
+
+
 def kto_loss(pi_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
              pi_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, beta: float,
              desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
@@ -207,31 +254,74 @@ def truncated_is_weight(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor
     return weight, stats
 
 
+def sequence_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's importance ratio (Zheng et al. 2025, arXiv 2507.18071, eq. 7): the length-normalised
+    geometric mean of the token ratios, s_i = exp((1/|y_i|) Σ_t (logp_θ − logp_old)).  [B, T] → [B, 1]"""
+    log_ratio = ((logps - old_logps) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return torch.exp(log_ratio)[:, None]
+
+
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
               loss_type: str, max_completion_length: int | None = None, batch_tokens: float | None = None,
-              is_weight: torch.Tensor | None = None):
+              is_weight: torch.Tensor | None = None, level: str = "token"):
     """GRPO (Shao et al. 2024, arXiv 2402.03300, eq. 3) per token, then aggregated.
 
         r_t = exp(logp_θ − logp_old)
         ℓ_t = −min(r_t A, clip(r_t, 1−ε_low, 1+ε_high) A) + β·k3_t      (k3 to the reference)
 
-    logps, old_logps, ref_logps, mask [B, T]; advantages [B] → (loss, stats) with stats detached:
-    clipfrac (share of tokens where clipping bound), kl (mean k3 per token).
+    level "sequence" is GSPO (Zheng et al. 2025): every token of sequence i takes the sequence ratio s_i
+    (sequence_ratio), clipped per sequence; TRL's importance_sampling_level="sequence".
+    logps, old_logps, ref_logps, mask [B, T]; advantages [B] (per sequence) or [B, T] (per token:
+    REINFORCE++) → (loss, stats) with stats detached: clipfrac (share of tokens where clipping bound),
+    kl (mean k3 per token).
     The KL term is the textbook k3; TRL 1.16 multiplies it by r_t by default (use_bias_correction_kl).
     is_weight [B, T] or [B, 1]: the rollout's truncated importance weight (truncated_is_weight), which
     multiplies the policy term, not the KL (as TRL).
     """
-    ratio = torch.exp(logps - old_logps)
-    per_token, clipped = clipped_surrogate(ratio, advantages[:, None], eps_low, eps_high)
+    ratio = sequence_ratio(logps, old_logps, mask) if level == "sequence" else torch.exp(logps - old_logps)
+    per_token, clipped = clipped_surrogate(ratio, advantages if advantages.dim() == 2 else advantages[:, None],
+                                           eps_low, eps_high)
+    loss, kl = weighted_with_kl(per_token, is_weight, logps, ref_logps, beta, mask, loss_type, max_completion_length,
+                                batch_tokens)
+    return loss, {"clipfrac": masked_mean(clipped, mask).item(), "kl": kl}
+
+
+def weighted_with_kl(per_token, is_weight, logps, ref_logps, beta: float, mask, loss_type: str,
+                     max_completion_length: int | None, batch_tokens: float | None) -> tuple[torch.Tensor, float]:
+    """The GRPO family's tail: the policy term times the rollout's importance weight, plus β·k3 to the
+    reference, aggregated over tokens → (loss, mean k3 per token, detached)."""
     if is_weight is not None:
         per_token = per_token * is_weight
     kl = kl_k3(logps, ref_logps) if ref_logps is not None else torch.zeros_like(logps)
     if beta:
         per_token = per_token + beta * kl
     loss = aggregate_tokens(per_token, mask, loss_type, max_completion_length, batch_tokens)
-    stats = {"clipfrac": masked_mean(clipped, mask).item(), "kl": masked_mean(kl.detach(), mask).item()}
-    return loss, stats
+    return loss, masked_mean(kl.detach(), mask).item()
+
+
+def cispo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+               advantages: torch.Tensor, mask: torch.Tensor, eps_max: float, beta: float, loss_type: str,
+               max_completion_length: int | None = None, batch_tokens: float | None = None,
+               is_weight: torch.Tensor | None = None):
+    """CISPO (MiniMax-M1, arXiv 2506.13585, eq. 4) per token, then aggregated: the importance weight is
+    clipped and detached and multiplies the log-probability, so a token whose ratio is clipped still
+    passes its gradient (a PPO-clipped token passes none).
+
+        ℓ_t = −sg(min(r_t, ε_max)) · A · logp_θ(y_t) + β·k3_t
+
+    Only the upper bound, as TRL 1.16's loss_type="cispo" (its epsilon_high is ε_max; ScaleRL, arXiv
+    2510.13786, and TRL recommend 5.0); the paper's lower bound is left unset there too.
+    Shapes and stats as grpo_loss; clipfrac: the share of tokens whose weight was capped with A > 0 (TRL's
+    cispo_clip_ratio).
+    """
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]
+    per_token = -torch.clamp(ratio, max=eps_max).detach() * adv * logps
+    loss, kl = weighted_with_kl(per_token, is_weight, logps, ref_logps, beta, mask, loss_type, max_completion_length,
+                                batch_tokens)
+    capped = ((ratio > eps_max) & (adv > 0)).float()
+    return loss, {"clipfrac": masked_mean(capped, mask).item(), "kl": kl}
 
 
 def rloo_loss(seq_logps: torch.Tensor, old_seq_logps: torch.Tensor, advantages: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Online RL without a critic: GRPO and RLOO. Each step samples `num_generations` completions of
+"""Online RL without a critic: GRPO, RLOO, GSPO, CISPO, REINFORCE++. Each step samples `num_generations` completions of
 `prompts_per_step` prompts from the current policy (KV cache), scores them (verifier, reward model,
 format or a mix), turns rewards into advantages and takes clipped policy-gradient steps.
 
@@ -212,6 +212,43 @@ def grpo_loss(logps, b: Batch, idx, adv, c, batch_tokens):
 
 def grpo_units(b: Batch, idx, c) -> list[float] | None:
     return losses.token_units(b.mask[idx], c.loss_type)
+
+
+def gspo_loss(logps, b: Batch, idx, adv, c, batch_tokens):
+    """GRPO's loss with the sequence-level ratio (GSPO); a vLLM rollout's importance weight is per sequence too."""
+    ref = b.ref_logps[idx] if b.ref_logps is not None else None
+    weight, mismatch = importance(logps, b, idx, "sequence")
+    loss, stats = losses.grpo_loss(logps, old_logps(logps, b, idx), ref, adv[idx], b.mask[idx], c.epsilon,
+                                   c.epsilon_high, c.beta, c.loss_type, c.max_new_tokens, batch_tokens, weight,
+                                   level="sequence")
+    return loss, {**stats, **mismatch}
+
+
+def cispo_loss(logps, b: Batch, idx, adv, c, batch_tokens):
+    ref = b.ref_logps[idx] if b.ref_logps is not None else None
+    weight, mismatch = importance(logps, b, idx)
+    loss, stats = losses.cispo_loss(logps, old_logps(logps, b, idx), ref, adv[idx], b.mask[idx], c.epsilon_max,
+                                    c.beta, c.loss_type, c.max_new_tokens, batch_tokens, weight)
+    return loss, {**stats, **mismatch}
+
+
+def reinforce_pp_advantages(b: Batch, c) -> tuple[torch.Tensor, dict]:
+    """Token-level returns with the k1 KL (logp_old − logp_ref) folded into the reward, normalised over the
+    batch; baseline "group" subtracts each prompt's mean reward first."""
+    kl, stats = None, {}
+    if b.ref_logps is not None:
+        kl = (b.old_logps - b.ref_logps) * b.mask  # [N, C]
+        stats["policy/kl"] = float(kl.sum(-1)[b.mask.sum(-1) > 0].mean())
+    group = c.num_generations if c.baseline == "group" else None
+    return advantages.reinforce_pp_advantages(b.scores.total.to(b.mask.device), b.mask, kl, c.beta, group), stats
+
+
+def reinforce_pp_loss(logps, b: Batch, idx, adv, c, batch_tokens):
+    """PPO's clipped surrogate per token on the token advantages; the KL is in the reward, not the loss."""
+    weight, mismatch = importance(logps, b, idx)
+    loss, stats = losses.grpo_loss(logps, old_logps(logps, b, idx), None, adv[idx], b.mask[idx], c.epsilon,
+                                   c.epsilon_high, 0.0, c.loss_type, c.max_new_tokens, batch_tokens, weight)
+    return loss, {"clipfrac": stats["clipfrac"], **mismatch}
 
 
 def rloo_loss(logps, b: Batch, idx, adv, c, batch_tokens):

@@ -1,8 +1,9 @@
-"""Offline preference optimisation on the pairs stage's output: DPO and IPO on pairs, KTO on
-unpaired desirable/undesirable examples.
+"""Offline preference optimisation on the pairs stage's output: DPO, IPO, and the reference-free SimPO
+and ORPO on pairs, KTO on unpaired desirable/undesirable examples.
 
 One model in memory: the reference log-probs of every completion (and of KTO's mismatched
-completions) were computed by the pairs stage, so no reference model is loaded. DPO/IPO run the B
+completions) were computed by the pairs stage, so no reference model is loaded (SimPO and ORPO use
+none; the first step still checks them against the policy, which catches pairs of another model). DPO/IPO run the B
 chosen and B rejected sequences of a step as one batch of 2B through the policy.
 """
 
@@ -28,8 +29,16 @@ def ipo_pair_loss(pi_c, pi_r, ref_c, ref_r, len_c, len_r, c):
     return losses.ipo_loss(pi_c, pi_r, ref_c, ref_r, len_c, len_r, c.beta, c.length_normalize)
 
 
+def simpo_pair_loss(pi_c, pi_r, ref_c, ref_r, len_c, len_r, c):
+    return losses.simpo_loss(pi_c, pi_r, len_c, len_r, c.beta, c.gamma, c.label_smoothing)
+
+
+def orpo_pair_loss(pi_c, pi_r, ref_c, ref_r, len_c, len_r, c):
+    return losses.orpo_loss(pi_c, pi_r, len_c, len_r, c.beta)
+
+
 def pair_step(method, policy, batch: list[dict], c, pad_id: int, device) -> list[train.Micro]:
-    """DPO/IPO on B pairs, the B chosen and B rejected sequences of a micro-batch in one forward."""
+    """A pair method on B pairs, the B chosen and B rejected sequences of a micro-batch in one forward."""
 
     def micro(rows: list[dict]):
         seqs = data.collate_pairs(rows, pad_id).to(device)  # [2b, P+C]

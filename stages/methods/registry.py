@@ -64,6 +64,16 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("rloo", "online", online.fit, "prompts", advantages=online.rloo_advantages, loss=online.rloo_loss,
            units=online.rloo_units, needs_reference=lambda c: c.beta > 0, needs_old_logps=lambda c: c.beta > 0),
     Method("ppo", "online", ppo.fit, "prompts", needs_reference=lambda c: True, needs_old_logps=lambda c: True),
+    Method("simpo", "offline", preference.fit, "pairs.jsonl", step=preference.pair_step,
+           loss=preference.simpo_pair_loss),
+    Method("orpo", "offline", preference.fit, "pairs.jsonl", step=preference.pair_step, loss=preference.orpo_pair_loss),
+    Method("gspo", "online", online.fit, "prompts", advantages=online.grpo_advantages, loss=online.gspo_loss,
+           units=online.grpo_units, needs_reference=lambda c: c.beta > 0),
+    Method("cispo", "online", online.fit, "prompts", advantages=online.grpo_advantages, loss=online.cispo_loss,
+           units=online.grpo_units, needs_reference=lambda c: c.beta > 0),
+    Method("reinforce_pp", "online", online.fit, "prompts", advantages=online.reinforce_pp_advantages,
+           loss=online.reinforce_pp_loss, units=online.grpo_units, needs_reference=lambda c: c.beta > 0,
+           needs_old_logps=lambda c: c.beta > 0),
 ]}
 
 
