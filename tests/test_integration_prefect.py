@@ -57,7 +57,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    return workspace.create(tmp_path_factory.mktemp("prefect-ws") / "ws", helpers.SMOKE)
+    root = tmp_path_factory.mktemp("prefect-ws")
+    return workspace.create(root / "ws", helpers.lean_params(root / "params.yaml"))
 
 
 def wait_for_deployment(name: str, timeout: float = 120):

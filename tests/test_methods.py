@@ -3,6 +3,7 @@ it trains, writes its model and the shared metric names, evaluates, and counts i
 exactly after a kill (generator state included)."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,26 @@ ONLINE = {"rollout/reward_mean", "rollout/reward_std", "rollout/length", "rollou
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
+    """prepare → sft → reward → pairs → evaluate sft on the smoke profile, in this module's own directory: a copy of
+    one built once per test session (test_methods, test_modes, test_lora and test_distributed all start from it,
+    on whichever xdist worker runs them; the first to ask builds it under a file lock)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, under xdist
+    built = shared / "upstream-smoke"
+    with FileLock(str(shared / "upstream-smoke.lock")):
+        if not (built / ".built").exists():
+            shutil.rmtree(built, ignore_errors=True)
+            build_upstream(built)
+            (built / ".built").touch()
     d = tmp_path_factory.mktemp("methods")
+    shutil.copytree(built, d, dirs_exist_ok=True)
+    return d
+
+
+def build_upstream(d):
+    d.mkdir(parents=True)
     shutil.copy(helpers.SMOKE, d / "params.yaml")
     helpers.stage("prepare", "--data-out", "data", "--model-out", "models/base", cwd=d)
     helpers.stage("sft", "--train", "data/sft.jsonl", "--probe", "data/prompts.jsonl", "--base", "models/base",
