@@ -5,8 +5,9 @@ workspace `.study/`; the report lands in `study/`.
     python -m flows.study [--seeds 0 1 2 3] [--methods ...] [--noise 0.2 0.4] [--no-hacking]
                           [--params params.yaml] [--workspace .study] [--out study]
 
-Seeds, methods, noise and hacking default to params.yaml's `study` section (seeds 0 1 2 3, all six
-methods, 20% and 40% flipped pairs, the reward-model GRPO); the options override it.
+Seeds, methods, noise and hacking default to params.yaml's `study` section (seeds 0 1 2 3, the seeds' six
+methods, 20% and 40% flipped pairs, the reward-model GRPO); the options override it (`--methods all`: every
+method the registry knows).
 
 A seed is a replicate of the whole chain (its own data draw, base model, SFT, reward model, pairs
 and alignment runs). Each (condition, seed) is one run of the pipeline flow with param overrides, so
@@ -17,7 +18,7 @@ runs only what is missing. Each run is then saved as a DVC experiment, `study-<c
 
 Conditions (every one on every seed):
 - main: the methods (default: all of them), on the params as they are;
-- noise-<f>: the offline methods (DPO, IPO, KTO) on pairs with a share f of chosen/rejected swapped
+- noise-<f>: the offline methods (DPO, IPO, KTO, SimPO, ORPO) on pairs with a share f of chosen/rejected swapped
   (pairs.flip_fraction): accuracy against label noise; upstream of pairs is the main run's, cached;
 - rm-reward: GRPO rewarded by the reward model alone (verifier weight 0), next to the main GRPO
   rewarded by the verifier: how far the reward-model score rises against how far accuracy does.

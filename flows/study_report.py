@@ -186,7 +186,7 @@ def selection_table(runs: dict, seeds: list[int], methods: list[str], est: dict,
             f"{per_step(m, 'cost/tokens_generated', '{:.0f}')} · {per_step(m, 'cost/wall_s', '{:.2f}')}"),
         "Sensitivity to noisy pairs (accuracy change at the most noise)": lambda m: (
             pts(noise[m]["change"][max(noise[m]["change"])]) if m in noise and noise[m]["change"]
-            else "not measured (online)"),
+            else "not measured (online)" if registry.get(m).kind == "online" else "not measured (no noise condition)"),
         "Reward hacking (RM rise · accuracy rise, GRPO by RM)": lambda m: (
             f"{cell(hacking['reward model']['rm_rise'], '{:+.2f}')} · "
             f"{cell(hacking['reward model']['accuracy_rise'], '{:+.1%}')}" if hacking and m == "grpo" else "—"),
