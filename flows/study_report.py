@@ -82,7 +82,7 @@ def main_table(runs: dict, seeds: list[int], policies: list[str]) -> tuple[str, 
     → (markdown, {policy: {key: Estimate | None}})."""
     ks = sorted({int(k.rsplit("_", 1)[1]) for seed in runs["main"].values() for r in seed.values() for k in r
                  if k.startswith("eval/pass_at_")})
-    cols = compare.COLUMNS[:1] + [(f"eval/pass_at_{k}", f"pass@{k}", "{:.1%}") for k in ks] + compare.COLUMNS[1:]
+    cols = compare.columns(ks)
     est = {p: {k: estimate(per_seed(runs, "main", p, k, seeds)) for k, _, _ in cols} for p in policies}
     lines = ["| policy | " + " | ".join(h for _, h, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
     lines += [f"| {p} | " + " | ".join(cell(est[p][k], fmt) for k, _, fmt in cols) + " |" for p in policies]

@@ -33,9 +33,8 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
-def columns(cfg) -> list[tuple[str, str, str]]:
-    """COLUMNS with a pass@k column after accuracy for each k of evaluate.pass_k (when pass_n > 0)."""
-    ks = cfg.evaluate.pass_k if cfg.evaluate.pass_n else []
+def columns(ks: list[int]) -> list[tuple[str, str, str]]:
+    """COLUMNS with a pass@k column after accuracy for each k in `ks`."""
     return COLUMNS[:1] + [(f"eval/pass_at_{k}", f"pass@{k}", "{:.1%}") for k in ks] + COLUMNS[1:]
 
 
@@ -97,7 +96,7 @@ def main(argv=None) -> str:
     cfg = config.load(args.params)
     names = ["sft", *cfg.align.methods]
     table = collect(names, Path(args.metrics), Path(args.plots))
-    cols = columns(cfg)
+    cols = columns(cfg.evaluate.pass_k if cfg.evaluate.pass_n else [])
 
     out = Path(args.out)
     md = markdown(table, cols)

@@ -60,7 +60,7 @@ def rewards_with_kl(rewards: torch.Tensor, old_seq_logps: torch.Tensor, ref_seq_
 
 
 def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, beta: float,
-                            group_size: int | None = None, eps: float = 1e-8) -> torch.Tensor:
+                            group_size: int | None = None) -> torch.Tensor:
     """REINFORCE++ (Hu 2025, arXiv 2501.03262, eq. 5-7): token-level returns of the reward with a per-token KL
     penalty folded in, normalised over the whole batch.
 
@@ -78,10 +78,9 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, kl: torch
         r = (g - torch.nanmean(g, dim=1, keepdim=True)).reshape(-1)
     r = torch.nan_to_num(r, nan=0.0)
     m = mask.to(r.dtype)
-    last = m.cumsum(-1) == m.sum(-1, keepdim=True)  # at and after the last valid token
-    first_last = last & (m > 0)
+    last = (m.cumsum(-1) == m.sum(-1, keepdim=True)) & (m > 0)  # the last valid token of each row
     token_rewards = -beta * kl * m if kl is not None and beta else torch.zeros_like(m)
-    token_rewards = token_rewards + first_last.to(m.dtype) * r[:, None]
+    token_rewards = token_rewards + last.to(m.dtype) * r[:, None]
     returns = token_rewards.flip(-1).cumsum(-1).flip(-1) * m  # G_t = Σ_{s ≥ t} r_s
     return whiten(returns, m) * m
 
