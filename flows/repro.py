@@ -4,7 +4,8 @@
 
 1. params.yaml is read against the params schema before DVC reads it. DVC expands `align.methods`
    into stages when it loads dvc.yaml, before any stage (the `check` stage included) can run, so
-   `align.methods: dpo` (a string) would otherwise fail as DVC's "'Value' object is not iterable".
+   `align.methods: dpo` (a string) would otherwise fail as DVC's "'Value' object is not iterable", and
+   a missing `align.distill.teachers` as "Could not find" (DVC reads the file, not the schema's defaults).
 2. What params.yaml names is checked as the `check` stage checks it (stages/check.py: model and data
    paths, cached hub ids, reward functions).
 3. Another DVC command running in this workspace (holding DVC's repo lock `.dvc/tmp/lock`, or, while
@@ -40,9 +41,27 @@ def preflight(repo: Path):
     if holder:
         raise WorkspaceBusy(f"another DVC command is running in this workspace (pid {holder}): wait for it or stop it")
     recover_dvc_lock(repo)
-    cfg = params_edit.loads((repo / "params.yaml").read_text(), "params.yaml")
+    text = (repo / "params.yaml").read_text()
+    cfg = params_edit.loads(text, "params.yaml")
+    check_matrix_keys(text)
     check.check_names(cfg, repo)
     return cfg
+
+
+MATRIX_KEYS = {"align.methods": "[dpo]", "align.distill.teachers": "[]"}
+"""The params dvc.yaml expands into stages (with an example value): DVC reads them from the file itself, where the
+schema's default is no help."""
+
+
+def check_matrix_keys(text: str) -> None:
+    import yaml
+
+    raw = yaml.safe_load(text) or {}
+    for key in MATRIX_KEYS:
+        if params_edit.get(raw, key) in (params_edit.MISSING, None):
+            parent, leaf = key.rsplit(".", 1)
+            raise params_edit.ConfigError(f"params.yaml: {key}: missing; dvc.yaml makes its stages from it, so "
+                                          f"it must be written out (e.g. `{leaf}: {MATRIX_KEYS[key]}` under {parent})")
 
 
 def dvc_lock_holder(repo: Path) -> str | None:
@@ -119,6 +138,9 @@ def venv_path() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):  # this command's own words, then dvc repro's options
+        print(__doc__.split("\n\n")[0].strip() + "\n\nIts options are dvc repro's:\n", flush=True)
+        os.execv(sys.executable, [sys.executable, "-m", "dvc", "repro", "--help"])
     try:
         preflight(Path.cwd())
     except params_edit.ConfigError as e:

@@ -44,6 +44,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import params as params_edit
 from flows import pipeline, study_report, workspace
+from stages.core import config
 
 SNAPSHOT = ["metrics", "plots"]
 """What a run leaves that the report reads, copied per (condition, seed) into <out>/runs/."""
@@ -61,7 +62,7 @@ def conditions(methods: list[str], noise: list[float], hacking: bool) -> list[Co
     from stages.methods import registry
 
     out = [Condition("main", list(methods))]
-    offline = [m for m in methods if registry.get(m).kind == "offline"]
+    offline = [m for m in methods if registry.for_policy(m).kind == "offline"]
     out += [Condition(f"noise-{f:g}", offline, {"pairs.flip_fraction": f}) for f in noise if offline and f > 0]
     if hacking and "grpo" in methods:
         out.append(Condition("rm-reward", ["grpo"], {"align.grpo.reward.reward_model": 1.0,
@@ -93,8 +94,11 @@ def study(workspace_dir: str, seeds: list[int], methods: list[str], noise: list[
         for cond in plan:
             (ws / "params.yaml").write_text(base)  # each run from the study's own params
             t_run = time.perf_counter()
+            align = config.policy_params(cond.methods)  # distill_grpo: a teacher, not a method
             try:
-                pipeline.pipeline(repo_dir=str(ws), methods=cond.methods, overrides={"seed": seed, **cond.overrides},
+                pipeline.pipeline(repo_dir=str(ws), methods=align["methods"],
+                                  overrides={"seed": seed, "align.distill.teachers": align["distill"]["teachers"],
+                                             **cond.overrides},
                                   tags={"study.condition": cond.name, "study.seed": str(seed)})
             except Exception as e:  # the other conditions of this seed would be incomplete: the seed is out
                 failed[seed] = f"{cond.name}: {str(e).splitlines()[0]}"

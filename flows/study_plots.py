@@ -44,7 +44,7 @@ def plots(out: Path, runs: dict, seeds: list[int], methods: list[str], est: dict
         if not k:
             continue
         offset = sum(runs["main"][s]["pairs"].get("cost/tokens_generated", 0) for s in seeds) / len(seeds) \
-            if registry.get(m).kind == "offline" else 0.0  # offline: the pairs stage generated their data
+            if registry.for_policy(m).kind == "offline" else 0.0  # offline: the pairs stage generated their data
         for ax, key in zip(axes, ("cost/tokens_generated", "cost/wall_s")):
             x = [sum(c[i].get(key, 0.0) for c in curves) / len(curves) + (offset if key.startswith("cost/tok") else 0)
                  for i in range(k)]

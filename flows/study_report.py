@@ -21,7 +21,7 @@ import yaml
 
 from flows import study_plots
 from stages import compare
-from stages.core import io, stats
+from stages.core import config, io, stats
 
 ACC = study_plots.ACC  # the headline metric: the verifier's held-out accuracy
 
@@ -164,8 +164,10 @@ def selection_table(runs: dict, seeds: list[int], methods: list[str], est: dict,
 
     def data(m: str) -> str:
         r = runs["main"][seeds[0]][m]["train"]
-        if registry.get(m).kind == "offline":
+        if registry.for_policy(m).kind == "offline":
             return f"{r.get('train/examples', 0):.0f} stored {'KTO rows' if m == 'kto' else 'pairs'}"
+        if registry.for_policy(m).teacher:
+            return f"prompts + teacher ({config.split_policy(m)[1]})"
         return "prompts + reward (" + ("verifier" if m != "ppo" else "RM / verifier") + ")"
 
     def per_step(m: str, key: str, fmt: str) -> str:  # the run's total over its steps (the last row's step)
@@ -186,7 +188,8 @@ def selection_table(runs: dict, seeds: list[int], methods: list[str], est: dict,
             f"{per_step(m, 'cost/tokens_generated', '{:.0f}')} · {per_step(m, 'cost/wall_s', '{:.2f}')}"),
         "Sensitivity to noisy pairs (accuracy change at the most noise)": lambda m: (
             pts(noise[m]["change"][max(noise[m]["change"])]) if m in noise and noise[m]["change"]
-            else "not measured (online)" if registry.get(m).kind == "online" else "not measured (no noise condition)"),
+            else "not measured (online)" if registry.for_policy(m).kind == "online"
+            else "not measured (no noise condition)"),
         "Reward hacking (RM rise · accuracy rise, GRPO by RM)": lambda m: (
             f"{cell(hacking['reward model']['rm_rise'], '{:+.2f}')} · "
             f"{cell(hacking['reward model']['accuracy_rise'], '{:+.1%}')}" if hacking and m == "grpo" else "—"),

@@ -139,7 +139,7 @@ def reward_functions(cfg: config.Params) -> list[tuple[str, str]]:
     """(params key, `module:function`) of every user reward function a stage will call (weight > 0):
     those of pairs.score and of each listed method's reward section."""
     sections = {"pairs.score": cfg.pairs.score}
-    for m in cfg.align.methods:
+    for m in cfg.align.running():
         if isinstance(getattr(cfg.align.method(m), "reward", None), config.RewardWeights):
             sections[f"align.{m}.reward"] = cfg.align.method(m).reward
     return [(f"{key}.functions", name) for key, weights in sections.items()

@@ -1,4 +1,4 @@
-"""compare: one table and one plot over SFT and every method in align.methods.
+"""compare: one table and one plot over SFT, every method in align.methods and every distilled policy.
 
     python -m stages.compare --metrics metrics --plots plots --out reports
 
@@ -60,14 +60,20 @@ def collect(names: list[str], metrics_dir: Path, plots_dir: Path) -> list[dict]:
     return table
 
 
-def markdown(table: list[dict], cols: list[tuple[str, str, str]] = COLUMNS) -> str:
-    head = "| policy | " + " | ".join(h for _, h, _ in cols) + " |"
-    rule = "|---|" + "---:|" * len(cols)
-    lines = [head, rule]
-    for row in table:
-        cells = [fmt.format(row[k]) if row.get(k) is not None else "n/a" for k, _, fmt in cols]
-        lines.append(f"| {row['policy']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def frame(table: list[dict], cols: list[tuple[str, str, str]] = COLUMNS):
+    """The comparison as a DataFrame: a row per policy, a column per metric key (NaN: not measured)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"policy": r["policy"], **{k: r.get(k) for k, _, _ in cols}} for r in table])
+
+
+def markdown(df, cols: list[tuple[str, str, str]] = COLUMNS) -> str:
+    """The DataFrame as a Markdown table, each column in its format (n/a: not measured)."""
+    import pandas as pd
+
+    shown = pd.DataFrame({"policy": df["policy"], **{h: [fmt.format(v) if pd.notna(v) else "n/a" for v in df[k]]
+                                                     for k, h, fmt in cols}})
+    return shown.to_markdown(index=False, colalign=["left"] + ["right"] * len(cols), disable_numparse=True) + "\n"
 
 
 def plot(table: list[dict], path: Path) -> None:
@@ -94,24 +100,26 @@ def main(argv=None) -> str:
     p = stage.parser(__doc__, "--metrics", "--plots", "--out")
     args = p.parse_args(argv)
     cfg = config.load(args.params)
-    names = ["sft", *cfg.align.methods]
+    names = ["sft", *cfg.align.policies()]
     table = collect(names, Path(args.metrics), Path(args.plots))
     cols = columns(cfg.evaluate.pass_k if cfg.evaluate.pass_n else [])
 
     out = Path(args.out)
-    md = markdown(table, cols)
-    with tracking.stage_run("compare", params={"align.methods": cfg.align.methods}) as tr:
+    df = frame(table, cols)
+    md = markdown(df, cols)
+    with tracking.stage_run("compare", params={"align.methods": cfg.align.methods,
+                                                         "align.distill.teachers": cfg.align.distill.teachers}) as tr:
         with io.atomic_dir(out) as tmp:
             (tmp / "comparison.md").write_text("# Method comparison (held-out prompts)\n\n" + md)
             io.write_json(tmp / "comparison.json", table)
-            io.write_csv(tmp / "comparison.csv", [{"policy": r["policy"], **{k: r.get(k) for k, _, _ in cols}}
-                                                  for r in table])
+            df.to_csv(tmp / "comparison.csv", index=False)
             plot(table, tmp / "comparison.png")
         for name in ("comparison.md", "comparison.png", "comparison.csv", "comparison.json"):
             tr.log_artifact(out / name)
+        tr.log_table(df.to_dict("records"), "comparison_table.json")  # an MLflow table (the run's artifacts)
         tr.log_metrics({f"{r['policy']}/{k}": r[k] for r in table for k, _, _ in cols if r.get(k) is not None})
         for r in table:  # one row per method in MLflow: its params, evaluation and cost
-            section = cfg.sft if r["policy"] == "sft" else cfg.align.method(r["policy"])
+            section = cfg.sft if r["policy"] == "sft" else cfg.align.section(r["policy"])
             tr.summary(r["policy"], {"seed": cfg.seed, **section.model_dump()},
                        {k: r[k] for k, _, _ in cols if r.get(k) is not None})
         tr.methods_view([k for k, _, _ in cols])

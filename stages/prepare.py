@@ -110,7 +110,7 @@ def check_answers(cfg: config.Params, sets: dict[str, list[dict]]) -> None:
         source = getattr(cfg.data, name)
         rewards.check_references(sets[name], cfg.verifier, f"data.{name}: {source}")
     users = ["pairs.score.verifier"] if cfg.pairs.score.verifier > 0 else []
-    for m in cfg.align.methods:
+    for m in cfg.align.running():
         reward = getattr(cfg.align.method(m), "reward", None)
         if reward is not None and reward.verifier > 0:
             users.append(f"align.{m}.reward.verifier")

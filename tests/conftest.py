@@ -18,6 +18,12 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="alignpipe-prefect-")
 atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 os.environ.update(PREFECT_HOME=_PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
 os.environ.pop("PREFECT_API_URL", None)
+# Each xdist worker gets its share of the cores for the torch processes it starts (stages inherit this): two
+# workers each running torch on every core oversubscribe them, and OpenMP's threads spin waiting for threads
+# the other process descheduled. Measured on 2 cores beside another 2-thread torch process: the real model's
+# evaluate stage took 78.9 s with 2 threads, 23.1 s with 1; the lean DVC chain 121 s and 104 s.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")

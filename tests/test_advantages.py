@@ -116,3 +116,30 @@ def test_reinforce_pp_matches_the_papers_equations(group):
     ours = adv.reinforce_pp_advantages(rewards, mask, kl * mask, beta=0.05, group_size=group)
     ref = reinforce_pp_reference(rewards.tolist(), mask.tolist(), kl.tolist(), 0.05, group)
     assert torch.allclose(ours, torch.tensor(ref), atol=1e-5)
+
+
+def test_distill_by_hand():
+    """Student log-probs −1, −2 | −0.5 (second row: one token), teacher −1.5, −1 | −0.5; coef 2. Per-token
+    reverse-KL samples d = 0.5, −1, 0; batch mean −1/6; A = −2·(d + 1/6) = −4/3, 5/3, −1/3, 0 on padding."""
+    student = torch.tensor([[-1.0, -2.0], [-0.5, -7.0]])
+    teacher = torch.tensor([[-1.5, -1.0], [-0.5, 3.0]])  # the padding's values must not count
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    a = adv.distill_advantages(student, teacher, mask, coef=2.0)
+    assert torch.allclose(a, torch.tensor([[-4 / 3, 5 / 3], [-1 / 3, 0.0]]), atol=1e-6)
+
+
+def distill_reference(student, teacher, masks, coef):
+    """tinker-cookbook's incorporate_kl_penalty (on-policy distillation, discount 0) in plain Python: each
+    token's advantage coef·(avg_diff − diff), diff = logp_student − logp_teacher, avg over every valid token."""
+    diffs = [[(s - t) * m for s, t, m in zip(rs, rt, rm)] for rs, rt, rm in zip(student, teacher, masks)]
+    avg = sum(map(sum, diffs)) / sum(map(sum, masks))
+    return [[coef * m * (avg - d) for d, m in zip(rd, rm)] for rd, rm in zip(diffs, masks)]
+
+
+def test_distill_matches_the_cookbooks_formula():
+    g = torch.Generator().manual_seed(5)
+    mask = torch.tensor([[1.0] * n + [0.0] * (6 - n) for n in [6, 2, 4, 1, 5, 3]])
+    student, teacher = -torch.rand(6, 6, generator=g) * 3, -torch.rand(6, 6, generator=g) * 3
+    ours = adv.distill_advantages(student, teacher, mask, coef=0.7)
+    ref = distill_reference(student.tolist(), teacher.tolist(), mask.tolist(), 0.7)
+    assert torch.allclose(ours, torch.tensor(ref), atol=1e-6)

@@ -37,6 +37,12 @@ def test_project_params_files_validate():
     ({"align": {"dpo": {"beta": 0}}}, "params.yaml: align.dpo.beta: Input should be greater than 0 (got 0)"),
     ({"reward": {"min_accuracy": 1.5}}, "params.yaml: reward.min_accuracy: Input should be less than or equal to 1"),
     ({"pairs": {"score": {"reward_model": 0.0}}}, "params.yaml: pairs.score: at least one reward weight must be > 0"),
+    ({"align": {"methods": ["dpo", "distill"]}},
+     "params.yaml: align.methods: distill runs once per teacher: list its teachers in align.distill.teachers"),
+    ({"align": {"methods": ["dpo"], "distill": {"teachers": ["grpo"]}}},
+     "params.yaml: align: distill.teachers: 'grpo' is not a policy of this pipeline (sft or one of align.methods"),
+    ({"align": {"distill": {"teachers": ["sft", "sft"]}}},
+     "params.yaml: align.distill.teachers: a teacher is listed twice"),
 ])
 def test_bad_params_give_one_line_naming_the_key(raw, message):
     with pytest.raises(config.ConfigError) as e:

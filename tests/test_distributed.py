@@ -6,6 +6,7 @@ Tolerance 2e-5 (fp32), as for accumulation (test_modes): each process runs half 
 rows and their gradients are summed, which changes only the order of float additions.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -56,6 +57,7 @@ def run(d, stage: str, out: str, processes: int, **extra):
     ("gspo", "align.gspo", {"steps": 2, "lr": 1e-3, "reward": {"reward_model": 1.0}, "epsilon": 0.05}, False),
     ("cispo", "align.cispo", {"steps": 2, "lr": 1e-3, "reward": {"reward_model": 1.0}, "epsilon_max": 1.05}, True),
     ("reinforce_pp", "align.reinforce_pp", {"steps": 3, "lr": 1e-3, "reward": {"reward_model": 1.0}}, True),
+    ("distill", "align.distill", {"steps": 3, "lr": 1e-3}, True),
 ], ids=lambda v: "fsdp" if v is True else "ddp" if v is False else "lora" if isinstance(v, dict) and "lora" in v
     else None)
 def test_two_processes_equal_one(upstream, stage, section, settings, sharded):  # noqa: F811
@@ -67,18 +69,21 @@ def test_two_processes_equal_one(upstream, stage, section, settings, sharded):  
     d = upstream
     smoke_params(d / "params.yaml", **{f"{section}.{k}": v for k, v in settings.items()})
     two_out = f"models/{stage}_2p{'_fsdp' if sharded else ''}{'_lora' if 'lora' in settings else ''}"
+    one_out = f"models/{stage}_1p_{hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]}"
     try:
-        run(d, stage, f"models/{stage}_1p", 1)
+        if not (d / one_out).exists():  # the DDP and FSDP cases of the same settings share one reference run
+            run(d, stage, one_out, 1)
         two = run(d, stage, two_out, 2, ALIGNPIPE_FSDP=int(sharded))
     finally:
         shutil.copy(helpers.SMOKE, d / "params.yaml")
-    assert len([x for x in two.stdout.splitlines() if x.startswith(("sft:", "reward:", "align@"))]) == 1  # main only
-    one_w, two_w = weights(d / f"models/{stage}_1p"), weights(d / two_out)
+    said = [x for x in two.stdout.splitlines() if x.startswith(("sft:", "reward:", "align@", "distill@"))]
+    assert len(said) == 1  # main only
+    one_w, two_w = weights(d / one_out), weights(d / two_out)
     assert one_w.keys() == two_w.keys()  # a tied weight written once, as save_pretrained does
     assert max_gap(one_w, two_w) < TOL
     start = weights(d / ("models/base" if stage == "sft" else "models/sft"))
     assert max(float((one_w[k] - start[k]).abs().max()) for k in one_w.keys() & start.keys()) > 100 * TOL  # it trained
-    m1, m2 = (json.loads((d / f"{out}.json").read_text()) for out in (f"models/{stage}_1p", two_out))
+    m1, m2 = (json.loads((d / f"{out}.json").read_text()) for out in (one_out, two_out))
     # abs: REINFORCE++'s whitened advantages make its loss ~1e-8 at ratio 1: only absolute agreement means anything
     assert m2["train/loss"] == pytest.approx(m1["train/loss"], rel=1e-4, abs=1e-6)
     assert m2["train/grad_norm"] == pytest.approx(m1["train/grad_norm"], rel=1e-4, abs=1e-6)

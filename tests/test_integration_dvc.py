@@ -43,7 +43,7 @@ def test_first_repro_runs_every_stage_and_writes_the_report(ws):
     cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     assert helpers.ran_stages(out) == {"prepare"} | AFTER_SFT
     report = (d / "reports" / "comparison.md").read_text()
-    assert "| sft |" in report and "| dpo |" in report
+    assert "| sft " in report and "| dpo " in report
     assert (d / "reports" / "comparison.png").stat().st_size > 1000
     for name in ("sft", "dpo"):
         m = (d / "metrics" / f"eval_{name}.json").read_text()
@@ -163,19 +163,23 @@ def test_mlflow_has_a_parent_per_repro_with_nested_stage_runs(ws, tmp_path):
 
 
 def test_a_code_change_reruns_only_the_stages_that_run_that_code(ws):
-    """dvc.yaml lists each stage's own code (test_code_deps): a fix in the MLflow logging reruns
-    nothing, one in the advantages (online methods only) reruns align and what follows it, not SFT and
-    the stages before align."""
+    """dvc.yaml lists each stage's own code (test_code_deps): a fix in the MLflow logging makes nothing
+    stale, one in the advantages (online methods only) makes align stale (and, once it reran, what reads
+    its outputs: test_dpo_beta_… shows that chain), not SFT and the stages before align. `dvc status`
+    says so without training anything."""
     d, _ = ws
+
+    def stale() -> set[str]:
+        return set(json.loads(helpers.dvc("status", "--json", cwd=d).stdout)) - {"check"}  # check: always runs
+
     tracking_py, advantages_py = d / "stages" / "core" / "tracking.py", d / "stages" / "core" / "advantages.py"
     originals = tracking_py.read_text(), advantages_py.read_text()
     try:
+        assert stale() == set()
         tracking_py.write_text(originals[0] + "\n# a comment\n")
-        assert helpers.ran_stages(repro(ws)) == set()
+        assert stale() == set()
         advantages_py.write_text(originals[1] + "\n# a comment\n")
-        # align@dpo only, and what reads its outputs (its metrics carry its wall time); not prepare, sft, reward
-        # or pairs
-        assert helpers.ran_stages(repro(ws)) == {"align@dpo", "evaluate@dpo", "compare"}
+        assert stale() == {"align@dpo"}  # not prepare, sft, reward, pairs or evaluate_sft
     finally:
         tracking_py.write_text(originals[0])
         advantages_py.write_text(originals[1])
@@ -215,3 +219,17 @@ def test_an_edited_local_input_reruns_prepare(ws, folder):
         (d / "params.yaml").write_text(params)
         user_file.unlink()
         helpers.dvc("repro", "prepare", cwd=d)
+
+
+def test_a_distilled_policy_waits_for_its_teacher_and_reaches_the_comparison(tmp_path):
+    """distill@grpo reads models/grpo: DVC orders it after align@grpo (and reruns it when that model
+    changes); its evaluation feeds compare. The align matrix could not give one member that edge."""
+    from flows.pipeline import stage_order
+
+    d = workspace.create(tmp_path / "ws", helpers.SMOKE)
+    params_edit.apply(d / "params.yaml", {"align.methods": ["dpo", "grpo"], "align.distill.teachers": ["grpo", "sft"]})
+    needs = dict(stage_order(d))
+    assert needs["distill@grpo"] == ["align@grpo", "pairs", "prepare", "reward", "sft"]
+    assert "align@" not in " ".join(needs["distill@sft"])
+    assert {"evaluate_distill@grpo", "evaluate_distill@sft"} <= set(needs["compare"])
+    assert needs["evaluate_distill@grpo"] == ["distill@grpo", "evaluate_sft", "prepare", "reward", "sft"]

@@ -113,7 +113,7 @@ def test_served_deployment_takes_parameters(server, ws):
     fr, tasks, arts = run_and_read("alignpipe/ci-serve", {"repo_dir": str(ws)})
     assert fr.state.is_completed(), fr.state
     assert set(tasks) == STAGES and all(t.state.is_completed() for t in tasks.values())
-    assert "| sft |" in arts["comparison"].data and "| dpo |" in arts["comparison"].data
+    assert "| sft " in arts["comparison"].data and "| dpo " in arts["comparison"].data
     assert "prepare: ran" in arts["comparison"].data
     # The UI's graph is DVC's: a task waits for the tasks of the stages whose outputs it reads.
     waits = {name: {i.id for i in t.task_inputs.get("wait_for", [])} for name, t in tasks.items()}

@@ -74,10 +74,11 @@ def test_reference_is_the_policy_with_its_adapter_off(saved_model):
 
 
 @pytest.mark.parametrize("method, in_memory", [("grpo", 2), ("rloo", 2), ("ppo", 3), ("gspo", 2), ("cispo", 2),
-                                               ("reinforce_pp", 2), ("simpo", 1), ("orpo", 1)])
+                                               ("reinforce_pp", 2), ("simpo", 1), ("orpo", 1), ("distill", 2)])
 def test_methods_train_lora_without_a_second_model(upstream, monkeypatch, method, in_memory):  # noqa: F811
-    """Only the adapter's target modules move; an online method's reference is the policy with its adapter off."""
-    extra = {} if method in ("ppo", "simpo", "orpo") else {"reward": {"reward_model": 1.0}, "beta": 0.04}
+    """Only the adapter's target modules move; an online method's reference is the policy with its adapter off
+    (distill's teacher is another model: policy and teacher)."""
+    extra = {} if method in ("ppo", "simpo", "orpo", "distill") else {"reward": {"reward_model": 1.0}, "beta": 0.04}
     w, metrics = trained(upstream, monkeypatch, f"{method}_lora", f"align.{method}", steps=2, lora=LORA,
                          gradient_checkpointing=True, **extra)
     assert metrics["cost/models_in_memory"] == in_memory  # policy(, reward model, value model): no reference

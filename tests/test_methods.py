@@ -17,8 +17,8 @@ from tests.test_stages import smoke_params, weights
 
 pytestmark = pytest.mark.smoke
 MODELS_IN_MEMORY = {"ppo": 4, "dpo": 1, "ipo": 1, "kto": 1, "grpo": 2, "rloo": 2, "simpo": 1, "orpo": 1,
-                    "gspo": 1, "cispo": 1, "reinforce_pp": 2}  # gspo and cispo: β = 0 holds no reference
-ONLINE_METHODS = {"ppo", "grpo", "rloo", "gspo", "cispo", "reinforce_pp"}
+                    "gspo": 1, "cispo": 1, "reinforce_pp": 2, "distill": 2}  # gspo, cispo: β = 0 holds no reference
+ONLINE_METHODS = {"ppo", "grpo", "rloo", "gspo", "cispo", "reinforce_pp", "distill"}
 SHARED = {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_sec", "cost/models_in_memory",
           "cost/tokens_generated", "cost/wall_s", "cost/peak_mem_mb", "probe/accuracy"}
 OFFLINE = {"rewards/chosen", "rewards/rejected", "rewards/margins"}
@@ -63,9 +63,11 @@ def build_upstream(d):
 
 
 def align_args(method, out=None):
+    """The stage's command line; distill's teacher is the base model here (its vocabulary, other weights)."""
     out = out or f"models/{method}"
     return [method, "--pairs", "pairs", "--prompts", "data/prompts.jsonl", "--sft", "models/sft",
-            "--reward", "models/reward", "--out", out, "--metrics", f"{out}.json", "--plots", f"{out}.csv"]
+            "--reward", "models/reward", "--out", out, "--metrics", f"{out}.json", "--plots", f"{out}.csv",
+            *(["--teacher", "models/base"] if method == "distill" else [])]
 
 
 def test_pairs_store_kto_rows_with_mismatched_reference(upstream):
@@ -82,7 +84,8 @@ def test_pairs_store_kto_rows_with_mismatched_reference(upstream):
 def test_method_trains_and_counts_its_cost(upstream, method):
     d = upstream
     out = helpers.stage("align", *align_args(method), cwd=d)
-    assert out.stdout.strip().splitlines()[-1].startswith(f"align@{method}:")
+    label = "distill@base" if method == "distill" else f"align@{method}"
+    assert out.stdout.strip().splitlines()[-1].startswith(f"{label}:")
     m = json.loads((d / f"models/{method}.json").read_text())
     expected = SHARED | (ONLINE if method in ONLINE_METHODS else OFFLINE)
     assert expected - set(m) == set(), method
@@ -160,6 +163,18 @@ def test_an_online_run_with_no_reward_signal_stops_with_the_likely_cause(upstrea
     assert len(err) == 1 and err[0].startswith(f"error: align@{method}: every reward of the first 3 steps was 0 ")
     assert "the verifier accepted no reply" in err[0] and "reference answer 'never'" in err[0]
     assert not (d / "models" / f"{method}_nosignal").exists()
+
+
+def test_distilling_from_the_student_itself_stops_with_one_line(upstream):
+    """A teacher that is the SFT policy scores every sampled token as the student does: nothing to learn."""
+    d = upstream
+    args = align_args("distill", "models/distill_self")
+    args[args.index("--teacher") + 1] = "models/sft"
+    out = helpers.stage("align", *args, cwd=d, check=False)
+    assert out.returncode == 1
+    err = [line for line in out.stderr.splitlines() if "error" in line]
+    assert len(err) == 1 and "the teacher scores every sampled token exactly as the student does" in err[0]
+    assert not (d / "models" / "distill_self").exists()
 
 
 def test_zero_std_fraction_counts_groups_that_teach_nothing():

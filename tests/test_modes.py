@@ -70,6 +70,7 @@ ACCUMULATION = [
     ("align.gspo", {"steps": 2, "lr": 1e-3, "reward": {"reward_model": 1.0}, "epsilon": 0.05, "epsilon_high": 0.05}, 3),
     ("align.cispo", {"steps": 2, "lr": 1e-3, "reward": {"reward_model": 1.0}, "epsilon_max": 1.05}, 3),  # dapo
     ("align.reinforce_pp", {"steps": 2, "lr": 1e-3, "reward": {"reward_model": 1.0}}, 5),
+    ("align.distill", {"steps": 2, "lr": 1e-3}, 5),
 ]
 
 

@@ -29,7 +29,8 @@ TINY = {  # params.real.yaml cut down to a few rows and steps: it checks that ev
     "align.grpo": {"lr": 5.0e-6, "prompts_per_step": 2, "num_generations": 2, "max_new_tokens": 12, "steps": 2,
                    "warmup_steps": 1, "log_every": 1, "checkpoint_every": 10, "probes": 0,
                    "gen_batch_size": 8, "no_signal_steps": 0, "reward": {"reward_model": 0.0, "verifier": 1.0}},
-    "evaluate": {"max_new_tokens": 16, "max_prompts": 2, "kl_samples": 1, "batch_size": 8},
+    "evaluate": {"max_new_tokens": 16, "max_prompts": 2, "kl_samples": 1, "batch_size": 8, "pass_n": 4,
+                 "pass_k": [1, 4]},
 }
 
 
@@ -60,7 +61,7 @@ def test_every_stage_runs_on_the_real_model(chain):
     assert {"prepare", "sft", "reward", "pairs", "align@dpo", "align@grpo", "evaluate_sft", "evaluate@dpo",
             "evaluate@grpo", "compare"} <= helpers.ran_stages(log)
     table = (d / "reports" / "comparison.md").read_text()
-    assert all(f"| {p} |" in table for p in ("sft", "dpo", "grpo"))
+    assert all(f"| {p} " in table for p in ("sft", "dpo", "grpo"))
     cfg = json.loads((d / "models" / "base" / "config.json").read_text())
     assert cfg["dtype"] == "bfloat16" and "quantization_config" not in cfg  # a normal checkpoint, saved in bf16
     tok_cfg = json.loads((d / "models" / "base" / "tokenizer_config.json").read_text())

@@ -64,6 +64,16 @@ def test_every_entry_point_names_a_params_mistake_that_dvc_would_trip_over(tmp_p
     assert not (d / "dvc.lock").exists() and not (d / "data").exists() and not (d / "inputs.lock.json").exists()
 
 
+def test_a_params_file_without_the_keys_dvc_expands_is_one_line_before_dvc():
+    """An older params.yaml (no align.distill section): valid for the schema, which has defaults, but DVC reads
+    the file and would stop on "Could not find 'align.distill.teachers'" while parsing dvc.yaml."""
+    raw = yaml.safe_load(helpers.SMOKE.read_text())
+    repro.check_matrix_keys(yaml.safe_dump(raw))
+    del raw["align"]["distill"]
+    with pytest.raises(ValueError, match=r"^params.yaml: align.distill.teachers: missing; dvc.yaml makes its stages"):
+        repro.check_matrix_keys(yaml.safe_dump(raw))
+
+
 def test_make_repro_recovers_a_stale_lock_then_runs_dvc_repro_with_its_arguments(tmp_path):
     d = workspace.create(tmp_path / "ws", helpers.SMOKE)
     rwlock = d / ".dvc" / "tmp" / "rwlock"

@@ -13,7 +13,7 @@ from stages.methods import registry
 def test_every_method_has_a_record_and_a_section():
     registry.check()
     assert set(registry.REGISTRY) == set(config.METHOD_CONFIGS) == {
-        "ppo", "dpo", "ipo", "kto", "grpo", "rloo", "simpo", "orpo", "gspo", "cispo", "reinforce_pp"}
+        "ppo", "dpo", "ipo", "kto", "grpo", "rloo", "simpo", "orpo", "gspo", "cispo", "reinforce_pp", "distill"}
     assert {m.kind for m in registry.REGISTRY.values()} == {"offline", "online"}
 
 

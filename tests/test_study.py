@@ -124,3 +124,18 @@ def test_a_study_runs_every_condition_on_every_seed_and_reruns_nothing(tmp_path)
     assert again.returncode == 0
     rerun = json.loads((tmp_path / "study" / "study.json").read_text())
     assert rerun["per_seed"]["main"]["1"] == out["per_seed"]["main"]["1"]  # seed 1's outputs, as they were
+
+
+def test_a_distilled_policy_is_a_study_method_with_its_teacher():
+    """study.methods may name distill_<teacher>: the run sets align.distill.teachers (not align.methods), the noise
+    condition leaves it out (it is online), and [all] is every method plus GRPO distilled."""
+    from flows.study import conditions
+    from stages.core import config
+
+    s = config.StudyConfig(methods=["dpo", "grpo", "distill_grpo"])
+    assert config.policy_params(s.methods) == {"methods": ["dpo", "grpo"], "distill": {"teachers": ["grpo"]}}
+    assert [(c.name, c.methods) for c in conditions(s.methods, [0.4], False)] == [
+        ("main", ["dpo", "grpo", "distill_grpo"]), ("noise-0.4", ["dpo"])]
+    assert config.StudyConfig(methods=["all"]).methods[-1] == "distill_grpo"
+    with pytest.raises(ValueError, match="'grpo' is not a policy of this pipeline"):
+        config.StudyConfig(methods=["dpo", "distill_grpo"])

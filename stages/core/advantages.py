@@ -1,4 +1,5 @@
-"""Advantage estimators: group-normalised (GRPO), leave-one-out (RLOO), GAE (PPO), whitening.
+"""Advantage estimators: group-normalised (GRPO), leave-one-out (RLOO), token returns (REINFORCE++), the
+teacher's per-token signal (on-policy distillation), GAE (PPO), whitening.
 
 Rewards may hold NaN for "no reward" (a reward that could not be computed): statistics skip them
 and their advantage is 0, so they neither teach nor shift the baseline of the others.
@@ -83,6 +84,24 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, kl: torch
     token_rewards = token_rewards + last.to(m.dtype) * r[:, None]
     returns = token_rewards.flip(-1).cumsum(-1).flip(-1) * m  # G_t = Σ_{s ≥ t} r_s
     return whiten(returns, m) * m
+
+
+def distill_advantages(student_logps: torch.Tensor, teacher_logps: torch.Tensor, mask: torch.Tensor,
+                       coef: float = 1.0) -> torch.Tensor:
+    """On-policy distillation (Agarwal et al. 2024, GKD, in its per-token reverse-KL form; Thinking Machines'
+    "On-policy distillation" and tinker-cookbook's incorporate_kl_penalty): each sampled token's reward is
+    the negative per-token reverse-KL estimate, with the batch mean as baseline, no discount.
+
+        d_t = logp_student(y_t) − logp_teacher(y_t)      (a sample of KL(student ‖ teacher) at step t)
+        A_t = −coef · (d_t − mean_batch(d))               (mean over every valid token of the batch)
+
+    The student's log-probs are those it sampled with (old), so a token the teacher finds likelier than the
+    student did is pushed up. student_logps, teacher_logps, mask [N, T] → [N, T], 0 on padding.
+    """
+    m = mask.to(student_logps.dtype)
+    d = (student_logps - teacher_logps) * m
+    mean = d.sum() / m.sum().clamp(min=1)
+    return -coef * (d - mean) * m
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:

@@ -468,6 +468,37 @@ class ReinforcePPConfig(ClippedConfig):
         return self
 
 
+class DistillConfig(ClippedConfig):
+    """On-policy distillation (Agarwal et al. 2024, GKD; the per-token reverse-KL form of Thinking Machines'
+    "On-policy distillation"): the student (the SFT policy) samples, a teacher scores every sampled token,
+    and the student's clipped policy gradient takes −(logp_student − logp_teacher) per token as its
+    advantage. Not a member of align.methods: one stage distill@<teacher> per teacher, so each depends on
+    its teacher's model and reruns when it changes."""
+
+    teachers: list[str] = []
+    """The pipeline's policies to distill from, each its own stage distill@<teacher> writing
+    models/distill_<teacher>: sft or a method of align.methods (the embedded default's natural teacher is
+    grpo, the policy that knows the task best). Empty: no distillation."""
+    coef: float = Field(1.0, gt=0.0)
+    """Scale of the per-token reverse-KL advantage (tinker-cookbook's kl_penalty_coef 1.0)."""
+    num_generations: int = Field(4, ge=1)
+    """Completions per prompt (no group baseline: the batch's mean reverse KL is the baseline)."""
+    reward: RewardWeights = RewardWeights(reward_model=0.0, verifier=1.0)
+    """Scored for the rollout metrics only (rollout/accuracy): the teacher, not the reward, is the signal."""
+    no_signal_steps: int = Field(0, ge=0)
+    """Rewards carry no signal here; a teacher that scores every token as the student does stops the stage."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    """Token aggregation of the loss (dapo: the token mean over the generation batch, as tinker-cookbook's sum
+    over tokens divided by their number)."""
+
+    @field_validator("teachers")
+    @classmethod
+    def _teachers(cls, teachers: list[str]) -> list[str]:
+        if len(set(teachers)) != len(teachers):
+            raise ValueError("a teacher is listed twice")
+        return teachers
+
+
 class RLOOConfig(ClippedConfig):
     num_generations: int = Field(4, ge=2)
     """Completions per prompt; the leave-one-out baseline needs at least 2 (TRL default 2)."""
@@ -524,11 +555,14 @@ class AlignConfig(Section):
     gspo: GSPOConfig = GSPOConfig()
     cispo: CISPOConfig = CISPOConfig()
     reinforce_pp: ReinforcePPConfig = ReinforcePPConfig()
+    distill: DistillConfig = DistillConfig()
 
     @field_validator("methods")
     @classmethod
     def _known(cls, methods: list[str]) -> list[str]:
         for m in methods:
+            if m in PER_TEACHER:
+                raise ValueError(f"{m} runs once per teacher: list its teachers in align.{m}.teachers, not {m} here")
             if m not in METHOD_CONFIGS:
                 raise ValueError(f"unknown method {m!r} (known: {', '.join(METHOD_CONFIGS)})")
         if len(set(methods)) != len(methods):
@@ -537,10 +571,53 @@ class AlignConfig(Section):
             raise ValueError("list at least one method")
         return methods
 
+    @model_validator(mode="after")
+    def _teachers_are_policies(self):
+        for t in self.distill.teachers:
+            if t != "sft" and t not in self.methods:
+                raise ValueError(f"distill.teachers: {t!r} is not a policy of this pipeline (sft or one of "
+                                 f"align.methods: {', '.join(self.methods)})")
+        return self
+
     def method(self, name: str) -> Section:
         return getattr(self, name)
 
+    def running(self) -> list[str]:
+        """The methods whose stages run: align.methods, and distill when it has a teacher."""
+        return [*self.methods, *(m for m in PER_TEACHER if self.method(m).teachers)]
 
+    def policies(self) -> list[str]:
+        """Every aligned policy the pipeline trains: align.methods, then distill_<teacher> for each teacher."""
+        return [*self.methods, *(f"distill_{t}" for t in self.distill.teachers)]
+
+    def section(self, policy: str) -> Section:
+        """A policy's params section: its method's, or distill's for distill_<teacher>."""
+        return self.method(split_policy(policy)[0])
+
+
+def policy_params(policies: list[str]) -> dict:
+    """Aligned policies (as AlignConfig.policies names them) → the align params that train them:
+    {"methods": [...], "distill": {"teachers": [...]}}."""
+    split = [split_policy(p) for p in policies]
+    return {"methods": [m for m, teacher in split if teacher is None],
+            "distill": {"teachers": [teacher for _, teacher in split if teacher is not None]}}
+
+
+def split_policy(policy: str) -> tuple[str, str | None]:
+    """An aligned policy's (method, teacher): `dpo` → ("dpo", None), `distill_grpo` → ("distill", "grpo")."""
+    for m in PER_TEACHER:
+        if policy.startswith(f"{m}_"):
+            return m, policy.removeprefix(f"{m}_")
+    return policy, None
+
+
+def every_policy() -> list[str]:
+    """Every method, and GRPO's policy distilled into the SFT policy (`alignpipe compare`, `study --methods all`)."""
+    return [m for m in METHOD_CONFIGS if m not in PER_TEACHER] + ["distill_grpo"]
+
+
+PER_TEACHER = {"distill"}
+"""Methods run once per teacher (their own DVC stage family, not the align matrix)."""
 METHOD_CONFIGS: dict[str, type[Section]] = {
     name: field.annotation for name, field in AlignConfig.model_fields.items() if name != "methods"}
 """Known alignment methods and their params sections: AlignConfig's fields (stages/methods/registry.py holds
@@ -579,7 +656,8 @@ class StudyConfig(Section):
     embedded task no gain over SFT survived Holm at 3 seeds, every one did at 4); each seed more costs
     one more chain and narrows them."""
     methods: list[str] = ["ppo", "dpo", "ipo", "kto", "grpo", "rloo"]
-    """Methods of the main condition; [all] is every known method (a study of every method at 4 seeds takes
+    """Policies of the main condition: methods of align.methods, and distill_<teacher> for a distilled one
+    (align.distill.teachers); [all] is every method and distill_grpo. A study of every method at 4 seeds takes
     longer than an hour on a 2-core CPU, so the default stays the seeds' six)."""
     noise: list[float] = [0.2, 0.4]
     """Shares of flipped pairs (pairs.flip_fraction) of the noisy-preference condition, run on the offline
@@ -590,7 +668,9 @@ class StudyConfig(Section):
     @field_validator("methods")
     @classmethod
     def _known(cls, methods: list[str]) -> list[str]:
-        return AlignConfig._known(list(METHOD_CONFIGS) if methods == ["all"] else methods)
+        if methods == ["all"]:
+            return every_policy()
+        return AlignConfig.model_validate(policy_params(methods)).policies()
 
     @field_validator("noise")
     @classmethod

@@ -1,4 +1,5 @@
-"""Online RL without a critic: GRPO, RLOO, GSPO, CISPO, REINFORCE++. Each step samples `num_generations` completions of
+"""Online RL without a critic: GRPO, RLOO, GSPO, CISPO, REINFORCE++, and on-policy distillation (its teacher
+scores the sampled tokens where the others' reference does). Each step samples `num_generations` completions of
 `prompts_per_step` prompts from the current policy (KV cache), scores them (verifier, reward model,
 format or a mix), turns rewards into advantages and takes clipped policy-gradient steps.
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -64,13 +66,19 @@ def read_prompts(path: str, c, verifier) -> list[dict]:
     return prompts
 
 
-def load_models(cfg, c, args, device, needs_ref: bool):
+def load_models(cfg, c, args, device, needs_ref: bool, teacher: str | None = None):
     """(tokenizer, policy, reference or None, reward model or None) for an online method. With LoRA the
-    reference is the policy with its adapter disabled, not a second model."""
+    reference is the policy with its adapter disabled, not a second model. teacher: a model directory held
+    in the reference's place (on-policy distillation); it must share the student's vocabulary."""
     tok = models.load_tokenizer(args.sft)
     policy = models.disable_dropout(models.for_training(models.load_causal_lm(args.sft, device), c))
     ref = None
-    if needs_ref:
+    if teacher:
+        if models.load_tokenizer(teacher).get_vocab() != tok.get_vocab():
+            raise stage.StageFailed(f"teacher {teacher}: its tokenizer differs from the student's ({args.sft}); "
+                                    "the teacher scores the student's tokens, so both need one vocabulary")
+        ref = models.load_causal_lm(teacher, device, trainable=False)
+    elif needs_ref:
         ref = lora.AdapterOff(policy) if c.lora.r else models.load_causal_lm(args.sft, device, trainable=False)
     rm = models.load_reward_model(args.reward, device) if c.reward.reward_model > 0 else None
     return tok, policy, ref, rm
@@ -243,8 +251,21 @@ def reinforce_pp_advantages(b: Batch, c) -> tuple[torch.Tensor, dict]:
     return advantages.reinforce_pp_advantages(b.scores.total.to(b.mask.device), b.mask, kl, c.beta, group), stats
 
 
+def distill_advantages(b: Batch, c) -> tuple[torch.Tensor, dict]:
+    """−coef·(logp_student − logp_teacher − batch mean) per sampled token (the batch's ref_logps are the
+    teacher's). A teacher that scores every token as the student does has nothing to teach: an error."""
+    diff = (b.old_logps - b.ref_logps) * b.mask
+    if float(diff.abs().max()) <= 1e-6:
+        raise stage.StageFailed("the teacher scores every sampled token exactly as the student does (is the teacher "
+                                "the SFT policy itself?): nothing to distill")
+    kl = diff.sum(-1)[b.mask.sum(-1) > 0]
+    return advantages.distill_advantages(b.old_logps, b.ref_logps, b.mask, c.coef), {
+        "distill/reverse_kl": float(kl.mean())}
+
+
 def reinforce_pp_loss(logps, b: Batch, idx, adv, c, batch_tokens):
-    """PPO's clipped surrogate per token on the token advantages; the KL is in the reward, not the loss."""
+    """PPO's clipped surrogate per token on the token advantages; the KL is in the reward, not the loss
+    (REINFORCE++'s to the reference, distillation's to the teacher)."""
     weight, mismatch = importance(logps, b, idx)
     loss, stats = losses.grpo_loss(logps, old_logps(logps, b, idx), None, adv[idx], b.mask[idx], c.epsilon,
                                    c.epsilon_high, 0.0, c.loss_type, c.max_new_tokens, batch_tokens, weight)
@@ -283,7 +304,8 @@ def fit(method, cfg, args, device, tracker, t0: float, engine=None):
     need_old = method.needs_old_logps(c) or c.num_iterations > 1 or c.minibatches > 1
     prompts = read_prompts(args.prompts, c, cfg.verifier)
     probe = prompts[:c.probe_size]
-    tok, policy, ref, rm = load_models(cfg, c, args, device, method.needs_reference(c))
+    tok, policy, ref, rm = load_models(cfg, c, args, device, method.needs_reference(c),
+                                       args.teacher if method.teacher else None)
     seen: list[torch.Tensor] = []  # rewards of the first steps, for check_signal
 
     def micro(b: Batch, idx, adv, batch_tokens: float, first: bool):
@@ -315,8 +337,10 @@ def fit(method, cfg, args, device, tracker, t0: float, engine=None):
         return {"probe/accuracy": evaluation.probe_accuracy(policy, tok, probe, probe_len, c.gen_batch_size,
                                                             cfg.verifier, engine)}
 
-    run = train.fit(f"align-{method.name}", policy, c, cfg.seed, tracker,
-                    [args.prompts, args.sft] + ([args.reward] if rm is not None else []), plan, steps=c.steps,
-                    device=device, t0=t0, probe=probe_fn)
-    held = 1 + (ref is not None and not c.lora.r) + (rm is not None)  # a LoRA reference is the policy itself
+    name = f"{method.name}@{Path(args.teacher).name}" if method.teacher else f"align-{method.name}"  # the stage's name
+    inputs = [args.prompts, args.sft, *([args.reward] if rm is not None else []),
+              *([args.teacher] if method.teacher else [])]  # a checkpoint resumes only with the same inputs
+    run = train.fit(name, policy, c, cfg.seed, tracker, inputs, plan, steps=c.steps, device=device, t0=t0,
+                    probe=probe_fn)
+    held = 1 + (ref is not None and (method.teacher or not c.lora.r)) + (rm is not None)  # a LoRA reference: the policy
     return policy, tok, {**run.metrics, "cost/models_in_memory": held}, run

@@ -46,6 +46,9 @@ class Method:
     """cfg → whether a reference model is held (online; offline methods read stored log-probs)."""
     needs_old_logps: Callable = _never
     """cfg → whether the old log-probs are computed before training on a batch (online)."""
+    teacher: bool = False
+    """online: the model held beside the policy is a teacher (the stage's --teacher), not the SFT reference:
+    its log-probs of the sampled tokens are the batch's ref_logps."""
 
 
 NEEDS = {  # the pieces each training loop calls
@@ -74,6 +77,9 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("reinforce_pp", "online", online.fit, "prompts", advantages=online.reinforce_pp_advantages,
            loss=online.reinforce_pp_loss, units=online.grpo_units, needs_reference=lambda c: c.beta > 0,
            needs_old_logps=lambda c: c.beta > 0),
+    Method("distill", "online", online.fit, "prompts", advantages=online.distill_advantages,
+           loss=online.reinforce_pp_loss, units=online.grpo_units, needs_reference=lambda c: True,
+           needs_old_logps=lambda c: True, teacher=True),
 ]}
 
 
@@ -103,3 +109,8 @@ def check(registry: dict[str, Method] | None = None, sections: dict[str, type] |
 def get(name: str) -> Method:
     check()
     return REGISTRY[name]
+
+
+def for_policy(policy: str) -> Method:
+    """The record of the method that trains an aligned policy: `dpo` → dpo, `distill_grpo` → distill."""
+    return get(config.split_policy(policy)[0])
