@@ -48,7 +48,7 @@ def preflight(repo: Path):
     return cfg
 
 
-MATRIX_KEYS = {"align.methods": "[dpo]", "align.distill.teachers": "[]"}
+MATRIX_KEYS = {"align.methods": "[dpo]", "align.distill.teachers": "[]", "align.distill.external": "{}"}
 """The params dvc.yaml expands into stages (with an example value): DVC reads them from the file itself, where the
 schema's default is no help."""
 

@@ -8,10 +8,10 @@ stage is stale. So does a mistake in what params.yaml names that can be found wi
 (check_names): a missing model or data path, a hub id not in the local cache, a chat template file
 that is not there, a reward function whose module cannot be found or does not define it (no user
 code runs). It writes the digest of every local file or directory that params.yaml names as an input
-(data.sft, data.preference, data.prompts, data.eval, model.name_or_path) and, for a hub id, the
-revision the local Hugging Face cache holds. prepare depends on that file, so editing your data or
-your model directory reruns prepare and everything after it: DVC itself cannot track a path that is
-only a param's value. Unchanged inputs give the same file, so nothing downstream goes stale.
+(data.sft, data.preference, data.prompts, data.eval, model.name_or_path, align.distill.external's teachers)
+and, for a hub id, the revision the local Hugging Face cache holds. prepare and teacher@<name> depend on that
+file, so editing your data or your model directory reruns them and everything after: DVC itself cannot track
+a path that is only a param's value. Unchanged inputs give the same file, so nothing downstream goes stale.
 
 Only the config schema and hashing are imported here (no torch): the no-op `dvc repro` stays fast.
 Digests of large files are reused while their size and modification time stay the same (a cache in
@@ -71,7 +71,12 @@ def hub_revision(name: str) -> str | None:
 def named_inputs(cfg: config.Params) -> dict[str, str]:
     """params key → the input it names (a local path, a hub id, or "embedded")."""
     named = {f"data.{k}": getattr(cfg.data, k) for k in ("sft", "preference", "prompts", "eval")}
-    return {**named, "model.name_or_path": cfg.model.name_or_path}
+    teachers = {f"align.distill.external.{name}": source for name, source in cfg.align.distill.external.items()}
+    return {**named, "model.name_or_path": cfg.model.name_or_path, **teachers}
+
+
+def names_a_model(field: str) -> bool:
+    return field == "model.name_or_path" or field.startswith("align.distill.external.")
 
 
 def inputs(cfg: config.Params, cache: dict) -> dict[str, dict]:
@@ -118,7 +123,7 @@ TRUE = ("1", "ON", "YES", "TRUE")
 def check_source(field: str, source: str, root: Path) -> None:
     """A model or dataset params names: present on disk, or a hub id the local Hugging Face cache holds
     (nothing is downloaded at run time: every stage sets HF_HUB_OFFLINE unless you set it to 0)."""
-    model = field == "model.name_or_path"
+    model = names_a_model(field)
     if model:
         io.check_model_path(source, field, root)
     name, _, local = io.split_source(source)

@@ -48,24 +48,7 @@ def build_model(cfg: config.Params):
         model = models.build_tiny_llama(tok, e.hidden_size, e.num_layers, e.num_heads, e.intermediate_size,
                                         e.max_positions, cfg.seed)
         return tok, model, "embedded tiny Llama"
-    io.check_model_path(m.name_or_path, "model.name_or_path")
-    if m.name_or_path.lower().endswith(".gguf"):
-        tok, model = models.load_gguf(m.name_or_path)
-    else:
-        try:
-            tok = models.load_tokenizer(m.name_or_path)
-        except (OSError, ValueError) as e:
-            reason = " ".join(str(e).split())
-            raise config.ConfigError(f"model.name_or_path: could not load a tokenizer from {m.name_or_path!r} "
-                                     f"({reason[:200]}); save the tokenizer beside the weights") from None
-        try:
-            model = models.load_causal_lm(m.name_or_path, "cpu")
-        except config.ConfigError as e:
-            raise config.ConfigError(f"model.name_or_path: {e}") from None
-    bad, names = models.non_finite_weights(model)
-    if bad:
-        raise config.ConfigError(f"model.name_or_path: {m.name_or_path}: {bad} weights are NaN or infinite "
-                                 f"(in {names[0]}); nothing can be trained from it")
+    tok, model = models.load_pretrained(m.name_or_path, "model.name_or_path")
     if m.chat_template:
         path = Path(m.chat_template).expanduser()
         tok.chat_template = path.read_text() if path.is_file() else m.chat_template

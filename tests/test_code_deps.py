@@ -52,9 +52,14 @@ def code_closure(module: str) -> set[str]:
     return {str(f.relative_to(ROOT)) for f in seen if f.name != "__init__.py" or f.read_text().strip()}
 
 
-def test_every_stage_lists_exactly_the_code_it_runs():
+def stage_bodies() -> list[tuple[str, dict]]:
+    """dvc.yaml's stages (a foreach stage's `do` body in its place)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
+    return [(name, stage.get("do", stage)) for name, stage in stages.items()]
+
+
+def test_every_stage_lists_exactly_the_code_it_runs():
+    for name, stage in stage_bodies():
         module = stage["cmd"].split()[2]  # python -m stages.<name> …
         code = {d for d in stage["deps"] if d.startswith(("stages/", "flows/"))}
         runs = code_closure(module) - NO_EFFECT_ON_OUTPUTS
@@ -70,9 +75,8 @@ def test_the_closure_sees_imports_inside_functions():
 def test_every_stage_that_samples_depends_on_the_engine_choice():
     """generation.engine is a param, so DVC never hands back an artifact sampled by the other engine: every
     stage that runs the engine code lists the `generation` section (and only those)."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     sampling = set()
-    for name, stage in stages.items():
+    for name, stage in stage_bodies():
         runs = code_closure(stage["cmd"].split()[2])
         lists = "generation" in stage.get("params", [])
         assert lists == ("stages/core/engine.py" in runs), name

@@ -43,6 +43,14 @@ def test_project_params_files_validate():
      "params.yaml: align: distill.teachers: 'grpo' is not a policy of this pipeline (sft or one of align.methods"),
     ({"align": {"distill": {"teachers": ["sft", "sft"]}}},
      "params.yaml: align.distill.teachers: a teacher is listed twice"),
+    ({"align": {"distill": {"external": {"reward": "/models/x"}}}},
+     "params.yaml: align.distill.external: 'reward' is the name of one of the pipeline's own models"),
+    ({"align": {"distill": {"external": {"distill_x": "/models/x"}}}},
+     "params.yaml: align.distill.external: 'distill_x' is the name of one of the pipeline's own models"),
+    ({"align": {"distill": {"external": {"a/b": "/models/x"}}}},
+     "params.yaml: align.distill.external: 'a/b': a name is letters, digits"),
+    ({"align": {"distill": {"divergence": "jsd", "logprob_chunk": 4}}},
+     "params.yaml: align.distill: divergence jsd needs both models' whole next-token distributions"),
 ])
 def test_bad_params_give_one_line_naming_the_key(raw, message):
     with pytest.raises(config.ConfigError) as e:
@@ -146,6 +154,9 @@ def test_check_finds_missing_models_data_and_templates(tmp_path, monkeypatch):
     (tmp_path / "sft.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n')
     ok = {"model": {"name_or_path": "org/cached", "chat_template": "{{ messages }}"}, "data": {"sft": "sft.jsonl"}}
     check.check_names(config.parse(ok), tmp_path)
+    teacher = config.parse({"align": {"distill": {"external": {"big": "org/cached"}}}})
+    check.check_names(teacher, tmp_path)
+    assert check.inputs(teacher, {})["align.distill.external.big"] == {"source": "org/cached", "hub_revision": "abc123"}
     for raw, message in [
         ({"model": {"name_or_path": "org/not-cached"}},
          "model.name_or_path: org/not-cached: no such path, and no model of that name in the local Hugging Face "
@@ -156,6 +167,11 @@ def test_check_finds_missing_models_data_and_templates(tmp_path, monkeypatch):
         ({"model": {"chat_template": "templates/chatml.jinja"}},
          "model.chat_template: templates/chatml.jinja: no such file (and not a Jinja template)"),
         ({"data": {"eval": "inputs/eval.jsonl"}}, "data.eval: inputs/eval.jsonl: no such file or directory"),
+        ({"align": {"distill": {"external": {"big": "org/not-cached"}}}},
+         "align.distill.external.big: org/not-cached: no such path, and no model of that name in the local Hugging "
+         "Face cache (nothing is downloaded at run time: `hf download org/not-cached` first)"),
+        ({"align": {"distill": {"external": {"big": "no_config"}}}},
+         "align.distill.external.big: 'no_config' is a directory without config.json (not a saved model)"),
         ({"data": {"prompts": "org/prompts:train"}},
          "data.prompts: org/prompts:train: no such path, and no dataset of that name in the local Hugging Face cache "
          "(nothing is downloaded at run time: `hf download org/prompts --repo-type dataset` first)"),
@@ -174,3 +190,8 @@ def test_every_method_section_is_validated_whether_or_not_it_runs():
     does not run is still one line naming the key."""
     with pytest.raises(config.ConfigError, match=r"^params.yaml: align.rloo.betta: unknown key$"):
         config.parse({"align": {"methods": ["dpo"], "rloo": {"betta": 0.1}}})
+
+
+def test_an_external_teacher_is_a_policy_to_distill_from():
+    p = config.parse({"align": {"methods": ["dpo"], "distill": {"teachers": ["big"], "external": {"big": "/m"}}}})
+    assert p.align.policies() == ["dpo", "distill_big"]

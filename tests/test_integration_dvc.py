@@ -4,6 +4,7 @@ from the run-cache, and MLflow holds one parent run per repro with the stages ne
 
 import json
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -233,3 +234,27 @@ def test_a_distilled_policy_waits_for_its_teacher_and_reaches_the_comparison(tmp
     assert "align@" not in " ".join(needs["distill@sft"])
     assert {"evaluate_distill@grpo", "evaluate_distill@sft"} <= set(needs["compare"])
     assert needs["evaluate_distill@grpo"] == ["distill@grpo", "evaluate_sft", "prepare", "reward", "sft"]
+
+
+def test_an_external_teacher_is_copied_in_then_distilled(tmp_path):
+    """A teacher from outside (align.distill.external) is the stage teacher@<name>, after check (whose
+    inputs.lock.json records the source's digest) and prepare (its vocabulary is checked against the
+    pipeline's); distill@<name> reads what it wrote. An unchanged source reruns nothing; a changed file in it
+    reruns the copy."""
+    from flows.pipeline import stage_order
+
+    d = workspace.create(tmp_path / "ws", helpers.SMOKE)
+    helpers.dvc("repro", "prepare", cwd=d)
+    outside = tmp_path / "outside"
+    shutil.copytree(d / "models" / "base", outside)
+    params_edit.apply(d / "params.yaml", {"align.distill.teachers": ["big"],
+                                          "align.distill.external": {"big": str(outside)}})
+    needs = dict(stage_order(d))
+    assert needs["teacher@big"] == ["check", "prepare"]
+    assert "teacher@big" in needs["distill@big"]
+    out = helpers.dvc("repro", "teacher@big", cwd=d)
+    assert "teacher@big" in helpers.ran_stages(out.stdout)
+    assert (d / "models" / "big" / "config.json").is_file()
+    assert helpers.ran_stages(helpers.dvc("repro", "teacher@big", cwd=d).stdout) == set()  # nothing changed
+    (outside / "note.txt").write_text("a changed source")
+    assert "teacher@big" in helpers.ran_stages(helpers.dvc("repro", "teacher@big", cwd=d).stdout)

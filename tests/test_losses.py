@@ -268,3 +268,28 @@ def test_cispo_keeps_the_gradient_of_a_capped_token():
     assert stats["clipfrac"] == pytest.approx(0.5)
     loss.backward()
     assert logps.grad[0].tolist() == [pytest.approx(-0.5525855, abs=1e-6), pytest.approx(-2.5, abs=1e-6)]
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_generalized_jsd_by_hand(beta):
+    """GKD's JSD_β of two 2-token distributions written out: M = β·T + (1 − β)·S, β·KL(T‖M) + (1 − β)·KL(S‖M);
+    β = 0 and 1 are the forward and reverse KL (TRL's ends). Its gradient reaches the student only."""
+    s_p, t_p = torch.tensor([0.8, 0.2]), torch.tensor([0.4, 0.6])
+    student = s_p.log().clone().requires_grad_()
+    teacher = t_p.log().clone().requires_grad_()
+
+    def kl(p, q):
+        return sum(p[i] * math.log(p[i] / q[i]) for i in range(2))
+
+    m = [beta * t_p[i] + (1 - beta) * s_p[i] for i in range(2)]
+    want = {0.0: kl(t_p, s_p), 1.0: kl(s_p, t_p)}.get(beta, beta * kl(t_p, m) + (1 - beta) * kl(s_p, m))
+    got = losses.generalized_jsd(student[None], teacher[None], beta)
+    assert got.item() == pytest.approx(float(want), abs=1e-6)
+    got.sum().backward()
+    assert teacher.grad is None and student.grad.abs().sum() > 0
+
+
+def test_generalized_jsd_is_zero_for_equal_distributions():
+    lp = torch.log_softmax(torch.randn(2, 3, 7), -1)
+    for beta in (0.0, 0.5, 1.0):
+        assert losses.generalized_jsd(lp, lp.clone(), beta).abs().max() < 1e-6

@@ -71,11 +71,13 @@ ACCUMULATION = [
     ("align.cispo", {"steps": 2, "lr": 1e-3, "reward": {"reward_model": 1.0}, "epsilon_max": 1.05}, 3),  # dapo
     ("align.reinforce_pp", {"steps": 2, "lr": 1e-3, "reward": {"reward_model": 1.0}}, 5),
     ("align.distill", {"steps": 2, "lr": 1e-3}, 5),
+    ("align.distill", {"steps": 2, "lr": 1e-3, "divergence": "jsd"}, 5),  # the whole-vocabulary divergence
 ]
 
 
 @pytest.mark.parametrize("section, settings, micro", ACCUMULATION,
-                         ids=[f"{s}-{v.get('loss_type', '')}".rstrip("-") for s, v, _ in ACCUMULATION])
+                         ids=[f"{s}-{v.get('loss_type', v.get('divergence', ''))}".rstrip("-")
+                              for s, v, _ in ACCUMULATION])
 def test_accumulation_equals_the_whole_batch(upstream, monkeypatch, section, settings, micro):  # noqa: F811
     whole, m_whole = trained(upstream, monkeypatch, "whole", section, **settings)
     split, m_split = trained(upstream, monkeypatch, "split", section, **settings, micro_batch_size=micro)

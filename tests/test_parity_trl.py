@@ -438,3 +438,22 @@ def test_orpo_matches_trl_orpo_trainer(equal_lengths):
         assert torch.allclose(grads(ours, logits)[0], grads(trl_loss, logits)[0], atol=TOL)
     else:
         assert abs(ours.item() - trl_loss.item()) > 1e-3
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 1.0])
+def test_generalized_jsd_matches_trl_gkd_trainer(beta):
+    """Distillation's jsd divergence against GKDTrainer.generalized_jsd_loss on the same logits: TRL's mean over
+    unmasked positions is our dapo aggregation over one batch's tokens (values and gradients)."""
+    from trl.experimental.gkd import GKDTrainer
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 5, 11, generator=g, requires_grad=True)
+    teacher = torch.randn(3, 5, 11, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    labels = torch.where(mask.bool(), torch.zeros_like(mask), torch.full_like(mask, -100))
+    theirs = GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta)
+    per_token = losses.generalized_jsd(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1), beta)
+    ours = losses.aggregate_tokens(per_token, mask, "dapo", batch_tokens=float(mask.sum()))
+    assert ours.item() == pytest.approx(theirs.item(), abs=TOL)
+    for a, b in zip(grads(ours, student), grads(theirs, student)):
+        assert (a - b).abs().max() < TOL

@@ -200,3 +200,23 @@ def test_non_finite_weights_are_never_written(tmp_path, saved_model):
     assert out.returncode == 2
     assert out.stderr.strip().startswith(f"error: model.name_or_path: {bad_base}: 1 weights are NaN or infinite")
     assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
+
+
+def test_a_teacher_of_another_vocabulary_is_refused_before_any_copy(tmp_path, saved_model, tok):
+    """teacher@<name> scores the student's tokens: a model with another tokenizer is a one-line error naming
+    the params key, and models/<name> is not written; the pipeline's own vocabulary is copied in."""
+    from stages.core import models, task
+
+    other_tok = models.build_tokenizer(task.corpus(20), 300)
+    other_tok.add_tokens(["<tool_call>"])
+    other = tmp_path / "other"
+    models.build_tiny_llama(other_tok, 16, 1, 2, 32, 32, 0).save_pretrained(other)
+    other_tok.save_pretrained(other)
+    smoke_params(tmp_path / "params.yaml", **{"align.distill.external": {"big": str(other), "same": str(saved_model)}})
+    out = helpers.stage("teacher", "big", "--base", str(saved_model), "--out", "models/big", cwd=tmp_path, check=False)
+    assert out.returncode == 2 and not (tmp_path / "models").exists()
+    assert out.stderr.strip() == (f"error: align.distill.external.big: {other}: its tokenizer differs from the "
+                                  f"pipeline's ({saved_model}); a teacher scores the student's tokens, so both need "
+                                  "one vocabulary")
+    out = helpers.stage("teacher", "same", "--base", str(saved_model), "--out", "models/same", cwd=tmp_path)
+    assert models.load_tokenizer(str(tmp_path / "models" / "same")).get_vocab() == tok.get_vocab()

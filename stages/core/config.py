@@ -476,9 +476,14 @@ class DistillConfig(ClippedConfig):
     its teacher's model and reruns when it changes."""
 
     teachers: list[str] = []
-    """The pipeline's policies to distill from, each its own stage distill@<teacher> writing
-    models/distill_<teacher>: sft or a method of align.methods (the embedded default's natural teacher is
-    grpo, the policy that knows the task best). Empty: no distillation."""
+    """The policies to distill from, each its own stage distill@<teacher> writing models/distill_<teacher>:
+    sft, a method of align.methods (the embedded default's natural teacher is grpo, the policy that knows the
+    task best), or a name of `external`. Empty: no distillation."""
+    external: dict[str, str] = {}
+    """Teachers from outside the pipeline: name → a model directory, a .gguf file or a hub id (read from the
+    local Hugging Face cache). Stage teacher@<name> copies it into models/<name>, where distill@<name> reads it
+    and DVC versions it; `check` records its digest (a hub id: the cached revision) in inputs.lock.json, so a
+    changed model reruns what it taught."""
     coef: float = Field(1.0, gt=0.0)
     """Scale of the per-token reverse-KL advantage (tinker-cookbook's kl_penalty_coef 1.0)."""
     num_generations: int = Field(4, ge=1)
@@ -490,6 +495,19 @@ class DistillConfig(ClippedConfig):
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     """Token aggregation of the loss (dapo: the token mean over the generation batch, as tinker-cookbook's sum
     over tokens divided by their number)."""
+    divergence: Literal["reverse_kl", "jsd"] = "reverse_kl"
+    """reverse_kl: the sampled token's log-ratio as its advantage, in the clipped token loss (tinker-cookbook);
+    jsd: GKD's generalized Jensen-Shannon divergence between the two models' whole next-token distributions at
+    each sampled position, differentiated directly (TRL's GKDTrainer loss on on-policy samples, its λ = 1)."""
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
+    """jsd's interpolation β (TRL GKDConfig 0.5): 0 the forward KL(teacher ‖ student), 1 the reverse KL."""
+
+    @model_validator(mode="after")
+    def _full_vocabulary(self):
+        if self.divergence == "jsd" and self.logprob_chunk:
+            raise ValueError("divergence jsd needs both models' whole next-token distributions: "
+                             "logprob_chunk must be 0")
+        return self
 
     @field_validator("teachers")
     @classmethod
@@ -497,6 +515,17 @@ class DistillConfig(ClippedConfig):
         if len(set(teachers)) != len(teachers):
             raise ValueError("a teacher is listed twice")
         return teachers
+
+    @field_validator("external")
+    @classmethod
+    def _external(cls, external: dict[str, str]) -> dict[str, str]:
+        for name in external:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"{name!r}: a name is letters, digits, '_', '.' or '-' (it names "
+                                 "models/<name> and the stages teacher@<name>, distill@<name>)")
+            if name in PIPELINE_MODELS or name in METHOD_CONFIGS or split_policy(name)[1] is not None:
+                raise ValueError(f"{name!r} is the name of one of the pipeline's own models")
+        return external
 
 
 class RLOOConfig(ClippedConfig):
@@ -574,9 +603,9 @@ class AlignConfig(Section):
     @model_validator(mode="after")
     def _teachers_are_policies(self):
         for t in self.distill.teachers:
-            if t != "sft" and t not in self.methods:
+            if t != "sft" and t not in self.methods and t not in self.distill.external:
                 raise ValueError(f"distill.teachers: {t!r} is not a policy of this pipeline (sft or one of "
-                                 f"align.methods: {', '.join(self.methods)})")
+                                 f"align.methods: {', '.join(self.methods)}) nor a name of distill.external")
         return self
 
     def method(self, name: str) -> Section:
@@ -616,6 +645,8 @@ def every_policy() -> list[str]:
     return [m for m in METHOD_CONFIGS if m not in PER_TEACHER] + ["distill_grpo"]
 
 
+PIPELINE_MODELS = {"base", "sft", "reward"}
+"""The models/ directories the pipeline's own stages write, besides the aligned policies."""
 PER_TEACHER = {"distill"}
 """Methods run once per teacher (their own DVC stage family, not the align matrix)."""
 METHOD_CONFIGS: dict[str, type[Section]] = {

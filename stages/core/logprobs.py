@@ -93,6 +93,22 @@ def token_logps(model, seqs: Sequences, temperature: float = 1.0, with_entropy: 
     return logps, entropy_from_logits(logits.detach()) * mask
 
 
+def vocab_logps(model, seqs: Sequences, temperature: float = 1.0) -> torch.Tensor:
+    """The whole next-token log-distribution at each completion position (a divergence over the vocabulary:
+    distillation's generalized JSD), fp32, 0 on padding.  → [B, C, V]"""
+    logits = completion_logits(model, seqs).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1) * seqs.completion_mask[..., None]
+
+
+def picked(vocab: torch.Tensor, seqs: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
+    """The completion tokens' log-probs and the entropy at each position, from vocab_logps.  → [B, C], [B, C]"""
+    mask = seqs.completion_mask
+    logps = vocab.gather(-1, seqs.completion_ids.unsqueeze(-1)).squeeze(-1) * mask
+    return logps, -(vocab.detach().exp() * vocab.detach()).sum(-1) * mask
+
+
 CHUNKED = "chunked_token_logps"
 """The name a sharded model holds chunked_token_logps under, as one of its forward methods (fsdp.shard):
 it runs the output head outside the model's forward, where FSDP would not gather the head's weights."""

@@ -7,6 +7,8 @@ Each returns per-example (or per-token) losses and detached statistics; the call
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -210,6 +212,27 @@ def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str
     if loss_type == "dapo":
         return total / max(batch_tokens, 1.0)
     raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def generalized_jsd(student_logps: torch.Tensor, teacher_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """The generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 1) per position, between the
+    student's and the teacher's next-token distributions over the whole vocabulary.  [B, T, V] log-probs → [B, T]
+
+        M = β·T + (1 − β)·S,   JSD_β = β·KL(T ‖ M) + (1 − β)·KL(S ‖ M)
+
+    with TRL's GKDTrainer convention at the ends: β = 0 is the forward KL(T ‖ S), β = 1 the reverse KL(S ‖ T)
+    (the mixture form would give 0 there). The teacher's side carries no gradient."""
+    s, t = student_logps.float(), teacher_logps.float().detach()
+
+    def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # KL(p ‖ q) from log-probs
+        return (p.exp() * (p - q)).sum(-1)
+
+    if beta == 0.0:
+        return kl(t, s)
+    if beta == 1.0:
+        return kl(s, t)
+    m = torch.logsumexp(torch.stack([s + math.log1p(-beta), t + math.log(beta)]), dim=0)
+    return beta * kl(t, m) + (1 - beta) * kl(s, m)
 
 
 def token_units(mask: torch.Tensor, loss_type: str) -> list[float] | None:

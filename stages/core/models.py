@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist, fsdp, lora
+from . import dist, fsdp, io, lora
 from .config import ConfigError
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -225,6 +225,30 @@ def load_causal_lm(path: str, device: torch.device, trainable: bool = True):
     model = _from_pretrained(AutoModelForCausalLM, path).to(device)
     return model.train() if trainable else frozen(model, "CAUSAL_LM")
 
+
+def load_pretrained(name_or_path: str, field: str):
+    """(tokenizer, model) of a model from outside the pipeline, on the CPU: a saved model directory, a .gguf
+    file or a hub id in the local cache. Every problem is a ConfigError naming the params field: no
+    tokenizer beside the weights, not a causal LM, NaN or infinite weights."""
+    io.check_model_path(name_or_path, field)
+    if name_or_path.lower().endswith(".gguf"):
+        tok, model = load_gguf(name_or_path)
+    else:
+        try:
+            tok = load_tokenizer(name_or_path)
+        except (OSError, ValueError) as e:
+            reason = " ".join(str(e).split())
+            raise ConfigError(f"{field}: could not load a tokenizer from {name_or_path!r} ({reason[:200]}); "
+                              "save the tokenizer beside the weights") from None
+        try:
+            model = load_causal_lm(name_or_path, "cpu")
+        except ConfigError as e:
+            raise ConfigError(f"{field}: {e}") from None
+    bad, names = non_finite_weights(model)
+    if bad:
+        raise ConfigError(f"{field}: {name_or_path}: {bad} weights are NaN or infinite (in {names[0]}); "
+                          "nothing can be trained from it")
+    return tok, model
 
 def frozen(model, task: str):
     """A model that is only run, never trained (a reference, a reward model, the policy evaluate

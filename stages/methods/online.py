@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from stages.core import advantages, evaluation, io, lora, losses, models, rewards, rollout, stage, train
-from stages.core.logprobs import Sequences, batched_token_logps, sequence_logps, token_logps
+from stages.core.logprobs import Sequences, batched_token_logps, picked, sequence_logps, token_logps, vocab_logps
 
 
 @dataclass
@@ -263,6 +263,20 @@ def distill_advantages(b: Batch, c) -> tuple[torch.Tensor, dict]:
         "distill/reverse_kl": float(kl.mean())}
 
 
+def distill_loss(logps, b: Batch, idx, adv, c, batch_tokens, vocab=None):
+    """divergence reverse_kl: REINFORCE++'s clipped token loss on distill_advantages. jsd: GKD's generalized JSD
+    at each sampled position over the whole vocabulary (vocab: the student's and the teacher's log-distributions),
+    aggregated as loss_type says; no ratio and no importance weight (a vLLM rollout's mismatch changes which
+    positions are visited, not the divergence at them: it is measured, not weighted)."""
+    if c.divergence == "reverse_kl":
+        return reinforce_pp_loss(logps, b, idx, adv, c, batch_tokens)
+    _, mismatch = importance(logps, b, idx)
+    mask = b.mask[idx]
+    per_token = losses.generalized_jsd(*vocab, c.jsd_beta)
+    loss = losses.aggregate_tokens(per_token, mask, c.loss_type, c.max_new_tokens, batch_tokens)
+    return loss, {"distill/jsd": losses.masked_mean(per_token.detach(), mask).item(), **mismatch}
+
+
 def reinforce_pp_loss(logps, b: Batch, idx, adv, c, batch_tokens):
     """PPO's clipped surrogate per token on the token advantages; the KL is in the reward, not the loss
     (REINFORCE++'s to the reference, distillation's to the teacher)."""
@@ -301,6 +315,7 @@ def fit(method, cfg, args, device, tracker, t0: float, engine=None):
     → (model, tokenizer, final metrics, train.Run)."""
     c = cfg.align.method(method.name)
     advantage_fn, loss_fn, units_fn = method.advantages, method.loss, method.units
+    full_vocab = method.full_vocab(c)
     need_old = method.needs_old_logps(c) or c.num_iterations > 1 or c.minibatches > 1
     prompts = read_prompts(args.prompts, c, cfg.verifier)
     probe = prompts[:c.probe_size]
@@ -309,14 +324,20 @@ def fit(method, cfg, args, device, tracker, t0: float, engine=None):
     seen: list[torch.Tensor] = []  # rewards of the first steps, for check_signal
 
     def micro(b: Batch, idx, adv, batch_tokens: float, first: bool):
+        seqs, extra = b.seqs.select(idx), {}
         with models.autocast(device):
-            logps, entropy = token_logps(policy, b.seqs.select(idx), c.temperature, with_entropy=True,
-                                         chunk=c.logprob_chunk)
+            if full_vocab:  # the loss compares whole next-token distributions (the policy's and the held model's)
+                vocab = vocab_logps(policy, seqs, c.temperature)
+                with torch.no_grad():
+                    extra["vocab"] = (vocab, vocab_logps(ref, seqs, c.temperature))
+                logps, entropy = picked(vocab, seqs)
+            else:
+                logps, entropy = token_logps(policy, seqs, c.temperature, with_entropy=True, chunk=c.logprob_chunk)
         stats = {"rollout/logp_gap": sampler_gap(logps, b, idx, strict=exact_sampler(device, engine))} if first else {}
-        loss, st = loss_fn(logps.float(), b, idx, adv, c, batch_tokens)
-        stats.update({"policy/clipfrac": st["clipfrac"], "policy/kl": st.get("kl"),
+        loss, st = loss_fn(logps.float(), b, idx, adv, c, batch_tokens, **extra)
+        stats.update({"policy/clipfrac": st.get("clipfrac"), "policy/kl": st.get("kl"),
                       "policy/entropy": float(losses.masked_mean(entropy, b.mask[idx])),
-                      **{k: v for k, v in st.items() if k.startswith("rollout/")}})  # the sampler mismatch
+                      **{k: v for k, v in st.items() if "/" in k}})  # the sampler mismatch, the method's own
         return loss, stats, int(b.seqs.attention_mask[idx].sum())
 
     def plan(step: int) -> train.Plan:

@@ -46,6 +46,9 @@ class Method:
     """cfg → whether a reference model is held (online; offline methods read stored log-probs)."""
     needs_old_logps: Callable = _never
     """cfg → whether the old log-probs are computed before training on a batch (online)."""
+    full_vocab: Callable = _never
+    """online: cfg → whether its loss takes the policy's and the held model's whole next-token log-distributions
+    at each completion position, as `vocab=(policy's, held model's)` (distillation's generalized JSD)."""
     teacher: bool = False
     """online: the model held beside the policy is a teacher (the stage's --teacher), not the SFT reference:
     its log-probs of the sampled tokens are the batch's ref_logps."""
@@ -78,8 +81,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
            loss=online.reinforce_pp_loss, units=online.grpo_units, needs_reference=lambda c: c.beta > 0,
            needs_old_logps=lambda c: c.beta > 0),
     Method("distill", "online", online.fit, "prompts", advantages=online.distill_advantages,
-           loss=online.reinforce_pp_loss, units=online.grpo_units, needs_reference=lambda c: True,
-           needs_old_logps=lambda c: True, teacher=True),
+           loss=online.distill_loss, units=online.grpo_units, needs_reference=lambda c: True,
+           needs_old_logps=lambda c: True, full_vocab=lambda c: c.divergence == "jsd", teacher=True),
 ]}
 
 
