@@ -90,7 +90,9 @@ real: setup
 # Test files on TEST_WORKERS processes, each file whole on one (its module fixtures, a DVC repo or a
 # Prefect server, are built once): make test TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
-test: setup vllm
+# The two environments install side by side (each pip mostly waits on downloads and disk, one core each).
+test:
+	$(MAKE) --no-print-directory -j2 setup vllm
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Our trainers against TRL's (tiny model), then the generation engines side by side on SmolLM2-135M-Instruct

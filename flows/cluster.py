@@ -37,16 +37,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process started in its own session, and everything it started."""
+def stop(*procs: subprocess.Popen) -> None:
+    """Stop processes started in their own sessions, and everything they started: all asked at once (SIGINT,
+    then SIGTERM, then SIGKILL to those still running), so their shutdowns overlap."""
     for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            continue
+        alive = [p for p in procs if p.poll() is None]
+        for p in alive:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait
+        for p in alive:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -129,8 +135,9 @@ class Cluster:
         return proc
 
     def close(self) -> None:
-        for proc in reversed(self.procs):  # workers before the servers
-            stop(proc)
+        workers = [p for p in self.procs if p in self.workers.values()]
+        stop(*workers)  # the workers before the servers they talk to
+        stop(*(p for p in self.procs if p not in workers))
 
 
 @contextmanager

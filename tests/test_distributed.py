@@ -40,7 +40,7 @@ def run(d, stage: str, out: str, processes: int, **extra):
     return helpers.stage(name, *rest, cwd=d, ALIGNPIPE_PROCESSES=processes, **extra)
 
 
-@pytest.mark.parametrize("stage, section, settings, sharded", [
+CASES = [  # (stage, params section, its settings, sharded: FSDP, else DDP)
     ("sft", "sft", {"steps": 6}, False),
     ("reward", "reward", {"steps": 6}, False),
     ("dpo", "align.dpo", {"steps": 4, "lr": 1e-3}, False),
@@ -58,26 +58,57 @@ def run(d, stage: str, out: str, processes: int, **extra):
     ("cispo", "align.cispo", {"steps": 2, "lr": 1e-3, "reward": {"reward_model": 1.0}, "epsilon_max": 1.05}, True),
     ("reinforce_pp", "align.reinforce_pp", {"steps": 3, "lr": 1e-3, "reward": {"reward_model": 1.0}}, True),
     ("distill", "align.distill", {"steps": 3, "lr": 1e-3}, True),
-], ids=lambda v: "fsdp" if v is True else "ddp" if v is False else "lora" if isinstance(v, dict) and "lora" in v
-    else None)
-def test_two_processes_equal_one(upstream, stage, section, settings, sharded):  # noqa: F811
+    ("distill", "align.distill", {"steps": 3, "lr": 1e-3, "divergence": "jsd"}, True),
+]
+
+
+def outputs(stage: str, settings: dict, sharded: bool) -> tuple[str, str]:
+    """(the 1-process reference's output, the 2-process run's): the DDP and FSDP cases of the same settings
+    share one reference."""
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return f"models/{stage}_1p_{key}", f"models/{stage}_2p_{'fsdp' if sharded else 'ddp'}_{key}"
+
+
+def batch(d, jobs: list[dict], processes: int, **env):
+    path = d / f"jobs_{processes}p_{len(jobs)}_{env.get('ALIGNPIPE_FSDP', 0)}.json"
+    path.write_text(json.dumps(jobs))
+    out = helpers.run([sys.executable, "-m", "tests.dist_batch", str(path), str(processes)], cwd=d, timeout=1200,
+                      ALIGNPIPE_PROCESSES=processes, **env)
+    assert len(out.stdout.strip().splitlines()) == len(jobs), out.stdout  # one summary each, from main only
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(upstream):  # noqa: F811
+    """Every case run once alone and once on 2 processes: the references in one process, the DDP cases in one
+    launch of 2, the FSDP cases in another (tests/dist_batch.py), each case with its own params file."""
+    d = upstream
+    jobs: dict = {"1p": {}, False: [], True: []}
+    for i, (stage, section, settings, sharded) in enumerate(CASES):
+        params = d / f"params_case{i}.yaml"
+        smoke_params(params, **{f"{section}.{k}": v for k, v in settings.items()})
+        one_out, two_out = outputs(stage, settings, sharded)
+        name, *rest = args(stage, one_out)
+        jobs["1p"].setdefault(one_out, {"module": f"stages.{name}", "argv": [*rest, "--params", params.name]})
+        name, *rest = args(stage, two_out)
+        jobs[sharded].append({"module": f"stages.{name}", "argv": [*rest, "--params", params.name]})
+    batch(d, list(jobs["1p"].values()), 1)
+    batch(d, jobs[False], 2, ALIGNPIPE_FSDP=0)
+    batch(d, jobs[True], 2, ALIGNPIPE_FSDP=1)
+    return d
+
+
+@pytest.mark.parametrize("stage, section, settings, sharded", CASES,
+                         ids=lambda v: "fsdp" if v is True else "ddp" if v is False else "lora" if isinstance(v, dict)
+                         and "lora" in v else "jsd" if isinstance(v, dict) and v.get("divergence") == "jsd" else None)
+def test_two_processes_equal_one(trained, stage, section, settings, sharded):
     """sharded: FSDP (each process holds half of every weight, gradient and optimizer state, of the
     reference and reward model too; generation and scoring split in lockstep; the written model is
     gathered, a LoRA one merged from the gathered adapter), else each process a full copy with summed
     gradients. The LoRA GRPO case also runs chunked log-probs (the output head as an FSDP forward
     method) and a reference that is the policy with its adapter off."""
-    d = upstream
-    smoke_params(d / "params.yaml", **{f"{section}.{k}": v for k, v in settings.items()})
-    two_out = f"models/{stage}_2p{'_fsdp' if sharded else ''}{'_lora' if 'lora' in settings else ''}"
-    one_out = f"models/{stage}_1p_{hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]}"
-    try:
-        if not (d / one_out).exists():  # the DDP and FSDP cases of the same settings share one reference run
-            run(d, stage, one_out, 1)
-        two = run(d, stage, two_out, 2, ALIGNPIPE_FSDP=int(sharded))
-    finally:
-        shutil.copy(helpers.SMOKE, d / "params.yaml")
-    said = [x for x in two.stdout.splitlines() if x.startswith(("sft:", "reward:", "align@", "distill@"))]
-    assert len(said) == 1  # main only
+    d = trained
+    one_out, two_out = outputs(stage, settings, sharded)
     one_w, two_w = weights(d / one_out), weights(d / two_out)
     assert one_w.keys() == two_w.keys()  # a tied weight written once, as save_pretrained does
     assert max_gap(one_w, two_w) < TOL

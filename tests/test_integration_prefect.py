@@ -51,8 +51,8 @@ def server(tmp_path_factory):
 
     with temporary_settings(updates={PREFECT_API_URL: api}):
         yield {"env": env, "home": home, "spawn": spawn}
-    for p in reversed(procs):  # workers and servers of deployments before the API server
-        stop(p)
+    stop(*procs[1:])  # workers and servers of deployments before the API server
+    stop(procs[0])
 
 
 @pytest.fixture(scope="module")

@@ -80,12 +80,22 @@ def test_pairs_store_kto_rows_with_mismatched_reference(upstream):
         assert isinstance(r["kl_ref_logp"], float) and r["kl_ref_logp"] < 0
 
 
+@pytest.fixture(scope="module")
+def every_method(upstream):
+    """Every method trained by the align stage's main, one after another in one process (tests/dist_batch.py:
+    one start and one import of torch for all; the stage's own `python -m` entry runs in the tests below)
+    → its summary line per method."""
+    jobs = [{"module": "stages.align", "argv": align_args(m)} for m in MODELS_IN_MEMORY]
+    (upstream / "jobs_methods.json").write_text(json.dumps(jobs))
+    out = helpers.run([sys.executable, "-m", "tests.dist_batch", "jobs_methods.json", "1"], cwd=upstream)
+    return dict(zip(MODELS_IN_MEMORY, out.stdout.strip().splitlines()))
+
+
 @pytest.mark.parametrize("method", list(MODELS_IN_MEMORY))
-def test_method_trains_and_counts_its_cost(upstream, method):
+def test_method_trains_and_counts_its_cost(upstream, every_method, method):
     d = upstream
-    out = helpers.stage("align", *align_args(method), cwd=d)
     label = "distill@base" if method == "distill" else f"align@{method}"
-    assert out.stdout.strip().splitlines()[-1].startswith(f"{label}:")
+    assert every_method[method].startswith(f"{label}:")
     m = json.loads((d / f"models/{method}.json").read_text())
     expected = SHARED | (ONLINE if method in ONLINE_METHODS else OFFLINE)
     assert expected - set(m) == set(), method

@@ -23,9 +23,9 @@ TINY = {  # params.real.yaml cut down to a few rows and steps: it checks that ev
                "min_accuracy": 0.0, "stats_pairs": 8},
     "pairs": {"num_samples": 4, "max_new_tokens": 32, "max_prompts": 4, "batch_size": 32,
               "score": {"reward_model": 1.0, "verifier": 1.0}, "truncated": "penalize"},
-    "align.methods": ["dpo", "grpo"],
-    "align.dpo": {"lr": 5.0e-6, "batch_size": 2, "steps": 2, "warmup_steps": 1, "log_every": 1,
-                  "checkpoint_every": 10, "probes": 0},
+    # one method: GRPO, the online path (its sampler, the verifier, the KL to the reference) on the chat model. The
+    # offline methods read what pairs writes here (the reference log-probs), through code the tiny model runs too.
+    "align.methods": ["grpo"],
     "align.grpo": {"lr": 5.0e-6, "prompts_per_step": 2, "num_generations": 2, "max_new_tokens": 12, "steps": 2,
                    "warmup_steps": 1, "log_every": 1, "checkpoint_every": 10, "probes": 0,
                    "gen_batch_size": 8, "no_signal_steps": 0, "reward": {"reward_model": 0.0, "verifier": 1.0}},
@@ -58,15 +58,15 @@ def rows(path):
 
 def test_every_stage_runs_on_the_real_model(chain):
     d, log = chain
-    assert {"prepare", "sft", "reward", "pairs", "align@dpo", "align@grpo", "evaluate_sft", "evaluate@dpo",
-            "evaluate@grpo", "compare"} <= helpers.ran_stages(log)
+    assert {"prepare", "sft", "reward", "pairs", "align@grpo", "evaluate_sft", "evaluate@grpo",
+            "compare"} <= helpers.ran_stages(log)
     table = (d / "reports" / "comparison.md").read_text()
-    assert all(f"| {p} " in table for p in ("sft", "dpo", "grpo"))
+    assert all(f"| {p} " in table for p in ("sft", "grpo"))
     cfg = json.loads((d / "models" / "base" / "config.json").read_text())
     assert cfg["dtype"] == "bfloat16" and "quantization_config" not in cfg  # a normal checkpoint, saved in bf16
     tok_cfg = json.loads((d / "models" / "base" / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in (tok_cfg.get("chat_template") or (d / "models/base/chat_template.jinja").read_text())
-    for name in ("sft", "reward", "dpo", "grpo"):  # trained models keep their fine-tuning: float32 (models.save)
+    for name in ("sft", "reward", "grpo"):  # trained models keep their fine-tuning: float32 (models.save)
         assert json.loads((d / "models" / name / "config.json").read_text())["dtype"] == "float32"
 
 
