@@ -84,9 +84,7 @@ def main_table(runs: dict, seeds: list[int], policies: list[str]) -> tuple[str, 
                  if k.startswith("eval/pass_at_")})
     cols = compare.columns(ks)
     est = {p: {k: estimate(per_seed(runs, "main", p, k, seeds)) for k, _, _ in cols} for p in policies}
-    lines = ["| policy | " + " | ".join(h for _, h, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
-    lines += [f"| {p} | " + " | ".join(cell(est[p][k], fmt) for k, _, fmt in cols) + " |" for p in policies]
-    return "\n".join(lines) + "\n", est
+    return compare.text_table([{"policy": p, **{h: cell(est[p][k], fmt) for k, h, fmt in cols}} for p in policies]), est
 
 
 def tests(runs: dict, seeds: list[int], methods: list[str]) -> tuple[dict, dict]:
@@ -103,19 +101,16 @@ def tests(runs: dict, seeds: list[int], methods: list[str]) -> tuple[dict, dict]
 def noise_table(runs: dict, seeds: list[int], levels: list[tuple[float, str]], methods: list[str]) -> tuple[str, dict]:
     """Accuracy of each offline method against the share of flipped pairs (levels: (share, condition),
     0 first), and its paired change from 0, Holm-corrected over every (method, share)."""
-    header = "| method | " + " | ".join(f"{f:.0%} flipped" for f, _ in levels) + " | " + \
-        " | ".join(f"change at {f:.0%}" for f, _ in levels if f > 0) + " |"
-    lines, out = [header, "|---|" + "---:|" * (2 * len(levels) - 1)], {}
+    out = {}
     for m in methods:
         acc = {f: per_seed(runs, c, m, ACC, seeds) for f, c in levels}
         out[m] = {"accuracy": {f: estimate(v) for f, v in acc.items()},
                   "change": {f: paired(acc[f], acc[0.0]) for f, _ in levels if f > 0}}
     stats.holm([d for e in out.values() for d in e["change"].values() if d])
-    for m, e in out.items():
-        accs = " | ".join(cell(e["accuracy"][f], "{:.1%}") for f, _ in levels)
-        changes = " | ".join(f"{pts(d)}, {pvalue(d)}" for d in e["change"].values())
-        lines.append(f"| {m} | {accs} | {changes} |")
-    return "\n".join(lines) + "\n", out
+    rows = [{"method": m, **{f"{f:.0%} flipped": cell(e["accuracy"][f], "{:.1%}") for f, _ in levels},
+             **{f"change at {f:.0%}": f"{pts(d)}, {pvalue(d)}" for f, d in e["change"].items()}}
+            for m, e in out.items()]
+    return compare.text_table(rows), out
 
 
 def hacking_table(runs: dict, seeds: list[int]) -> tuple[str, dict]:
@@ -134,20 +129,23 @@ def hacking_table(runs: dict, seeds: list[int]) -> tuple[str, dict]:
     rises = {label: (rise(cond, "eval/reward_mean"), rise(cond, ACC)) for label, cond in conds}  # per seed
     out = {label: {"rm_rise": estimate(rises[label][0]), "accuracy_rise": estimate(rises[label][1]),
                    "probe_fall": estimate(fall(cond))} for label, cond in conds}
-    lines = ["| GRPO rewarded by | RM score rise over SFT (std units) | accuracy rise over SFT | "
-             "probe accuracy, peak − last |", "|---|---:|---:|---:|"]
-    for label, e in out.items():
-        lines.append(f"| {label} | {cell(e['rm_rise'], '{:+.3f}')} | {cell(e['accuracy_rise'], '{:+.1%}')} | "
-                     f"{cell(e['probe_fall'], '{:.1%}')} |")
-    lines += ["", "Per seed (held-out prompts; the hacking gap is the RM score rising while accuracy does not):", "",
-              "| seed | by RM: RM rise | by RM: accuracy rise | by verifier: RM rise | by verifier: accuracy rise |",
-              "|---:|---:|---:|---:|---:|"]
-    for i, seed in enumerate(seeds):
-        vals = [v for label in ("reward model", "verifier") for v in (
-            "n/a" if rises[label][0] is None else f"{rises[label][0][i]:+.3f}",
-            "n/a" if rises[label][1] is None else f"{100 * rises[label][1][i]:+.1f} pts")]
-        lines.append(f"| {seed} | " + " | ".join(vals) + " |")
-    return "\n".join(lines) + "\n", out
+    summary = compare.text_table([{"GRPO rewarded by": label,
+                                   "RM score rise over SFT (std units)": cell(e["rm_rise"], "{:+.3f}"),
+                                   "accuracy rise over SFT": cell(e["accuracy_rise"], "{:+.1%}"),
+                                   "probe accuracy, peak − last": cell(e["probe_fall"], "{:.1%}")}
+                                  for label, e in out.items()])
+
+    def seed_row(i: int, seed: int) -> dict:
+        row = {"seed": str(seed)}
+        for label, short in (("reward model", "by RM"), ("verifier", "by verifier")):
+            rm, acc = rises[label]
+            row[f"{short}: RM rise"] = "n/a" if rm is None else f"{rm[i]:+.3f}"
+            row[f"{short}: accuracy rise"] = "n/a" if acc is None else f"{100 * acc[i]:+.1f} pts"
+        return row
+
+    per_seed_table = compare.text_table([seed_row(i, s) for i, s in enumerate(seeds)])
+    said = "Per seed (held-out prompts; the hacking gap is the RM score rising while accuracy does not):"
+    return f"{summary}\n{said}\n\n{per_seed_table}", out
 
 
 def selection_table(runs: dict, seeds: list[int], methods: list[str], est: dict, noise: dict,
@@ -194,9 +192,9 @@ def selection_table(runs: dict, seeds: list[int], methods: list[str], est: dict,
             f"{cell(hacking['reward model']['rm_rise'], '{:+.2f}')} · "
             f"{cell(hacking['reward model']['accuracy_rise'], '{:+.1%}')}" if hacking and m == "grpo" else "—"),
     }
-    lines = ["| criterion | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    lines += [f"| {name} | " + " | ".join(fn(m) for m in methods) + " |" for name, fn in rows.items()]
-    return "\n".join(lines) + "\n" + ("\nOffline methods generate nothing while training: their pairs were sampled "
+    table = compare.text_table([{"criterion": name, **{m: fn(m) for m in methods}} for name, fn in rows.items()],
+                               right=False)
+    return table + ("\nOffline methods generate nothing while training: their pairs were sampled "
                                        "by the pairs stage (its tokens are on compute.png).\n")
 
 

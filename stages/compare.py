@@ -71,9 +71,19 @@ def markdown(df, cols: list[tuple[str, str, str]] = COLUMNS) -> str:
     """The DataFrame as a Markdown table, each column in its format (n/a: not measured)."""
     import pandas as pd
 
-    shown = pd.DataFrame({"policy": df["policy"], **{h: [fmt.format(v) if pd.notna(v) else "n/a" for v in df[k]]
-                                                     for k, h, fmt in cols}})
-    return shown.to_markdown(index=False, colalign=["left"] + ["right"] * len(cols), disable_numparse=True) + "\n"
+    return text_table([{"policy": p, **{h: fmt.format(v) if pd.notna(v) else "n/a" for (k, h, fmt), v in
+                                        zip(cols, (row[k] for k, _, _ in cols))}}
+                       for p, (_, row) in zip(df["policy"], df.iterrows())])
+
+
+def text_table(rows: list[dict[str, str]], right: bool = True) -> str:
+    """Rows of formatted cells (header → text) as a Markdown table, written by pandas: the first column
+    left-aligned, the others right-aligned (or left, right=False); the cells as given, never re-parsed."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows, dtype=str)
+    align = ["left"] + ["right" if right else "left"] * (len(df.columns) - 1)
+    return df.to_markdown(index=False, colalign=align, disable_numparse=True) + "\n"
 
 
 def plot(table: list[dict], path: Path) -> None:

@@ -31,3 +31,33 @@ def test_the_site_builds_strictly(tmp_path):
                          capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "site" / "reference" / "params" / "index.html").exists()
+
+
+PREFIXES = "cost|data|distill|engine|eval|kto|model|pairs|perf|policy|probe|reward|rewards|rollout|train"
+METRIC = rf"(?:{PREFIXES})/[a-z0-9_<>]+"
+
+
+def documented_metrics() -> set[str]:
+    """The metric names docs/reference/metrics.md lists (`<k>`: any value)."""
+    import re
+
+    text = (docs.ROOT / "docs/reference/metrics.md").read_text()
+    return set(re.findall(rf"`({METRIC})`", text))
+
+
+def is_documented(key: str, names: set[str]) -> bool:
+    import re
+
+    return any(re.fullmatch(re.escape(n).replace("<k\\>", ".+").replace("<k>", ".+"), key) for n in names)
+
+
+def test_the_metrics_reference_names_every_metric_the_code_writes_and_no_other():
+    """Every metric name written out in the stages' code is on the metrics page, and every name on the page is
+    in the code (an f-string's {k} is the page's <k>)."""
+    import re
+
+    code = "\n".join(p.read_text() for p in (docs.ROOT / "stages").rglob("*.py"))
+    written = {m.replace("{k}", "<k>") for m in re.findall(rf"\"((?:{PREFIXES})/[a-z0-9_{{}}]+)", code)}
+    names = documented_metrics()
+    assert not {w for w in written if not is_documented(w, names)}, "metrics the page does not name"
+    assert not {n for n in names if n not in written}, "names on the page that no code writes"

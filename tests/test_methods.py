@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests import helpers
+from tests.test_docs import documented_metrics, is_documented
 from tests.test_stages import smoke_params, weights
 
 pytestmark = pytest.mark.smoke
@@ -104,6 +105,8 @@ def test_method_trains_and_counts_its_cost(upstream, every_method, method):
     if "rollout/logp_gap" in m:
         assert m["rollout/logp_gap"] < 1e-3  # the sampler and the trainer see the same weights
     assert (d / "models" / method / "model.safetensors").exists()
+    names = documented_metrics()
+    assert not [k for k in m if "/" in k and not is_documented(k, names)], "not on docs/reference/metrics.md"
 
 
 def test_evaluate_copies_the_training_cost(upstream):

@@ -3,6 +3,7 @@ DVC stages per condition and seed → DVC experiments → report) on the smoke p
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,11 @@ from tests import helpers
 SEEDS = [0, 1, 2]
 ACCURACY = {  # per seed: grpo far and steadily above SFT, dpo up, down, up (not separated)
     "sft": [0.50, 0.60, 0.55], "dpo": [0.58, 0.55, 0.62], "grpo": [0.80, 0.92, 0.86]}
+
+
+def squeezed(md: str) -> str:
+    """The report with runs of spaces as one: pandas pads each table cell to its column's width."""
+    return re.sub(r" {2,}", " ", md)
 
 
 def fake_run(d, seed: int, accuracy: dict, reward: dict | None = None) -> None:
@@ -49,7 +55,8 @@ def test_the_report_states_what_the_seeds_support(tmp_path, tmp_path_factory):
         fake_run(tmp_path / "runs" / "rm-reward" / f"seed_{seed}", seed, hacked,
                  reward={"sft": [0.0] * 3, "grpo": [1.5, 1.7, 1.6]})
     plan = [("main", ["dpo", "grpo"]), ("noise-0.4", ["dpo"]), ("rm-reward", ["grpo"])]
-    md = study_report.write(tmp_path, SEEDS, plan, 60.0, failed={3: "main: stage reward failed: below the gate"})
+    failed = {3: "main: stage reward failed: below the gate"}
+    md = squeezed(study_report.write(tmp_path, SEEDS, plan, 60.0, failed=failed))
 
     assert "| grpo | 86.0% ± 14.9% |" in md
     assert "**Seeds left out** (1 of 4): seed 3, main: stage reward failed: below the gate." in md
@@ -90,7 +97,7 @@ def test_the_report_states_what_the_seeds_support(tmp_path, tmp_path_factory):
     ev = tmp_path / "runs" / "main" / "seed_1" / "metrics" / "eval_dpo.json"
     ev.write_text(json.dumps({k: v for k, v in json.loads(ev.read_text()).items() if k != "eval/accuracy"}))
     (tmp_path / "runs" / "rm-reward" / "seed_0" / "plots" / "train_grpo.csv").write_text("step,cost/wall_s\n10,60\n")
-    md = study_report.write(tmp_path, SEEDS, plan, 60.0)
+    md = squeezed(study_report.write(tmp_path, SEEDS, plan, 60.0))
     assert "| dpo | n/a |" in md and "**dpo**: n/a over SFT (not tested" in md
     assert "| reward model | +1.600 ± 0.248 | +1.0% ± 2.5% | n/a |" in md.split("## Reward hacking")[1]
 

@@ -130,22 +130,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Rows of dicts → csv with the union of keys as header (DVC plots read it)."""
-    keys: list[str] = []
-    for row in rows:
-        keys.extend(k for k in row if k not in keys)
+    """Rows of dicts → csv by pandas' writer, the union of keys as header in the order first seen (DVC plots read
+    it); floats to 6 significant digits; a value that could not be measured (None) an empty cell, as a missing key."""
+    import pandas as pd
+
     with atomic_file(path) as fh:
-        fh.write(",".join(keys) + "\n")
-        for row in rows:
-            fh.write(",".join(_fmt(row.get(k, "")) for k in keys) + "\n")
-
-
-def _fmt(v: Any) -> str:
-    if v is None:  # a value that could not be measured: an empty cell, as for a missing key (not "None")
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
+        pd.DataFrame(rows).to_csv(fh, index=False, float_format="%.6g", lineterminator="\n")
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "md5") -> str:
