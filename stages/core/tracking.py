@@ -79,8 +79,9 @@ class MlflowTracker:
             self.client.set_tag(self.run_id, k, str(v))
 
     def log_table(self, rows: list[dict], name: str) -> None:
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        self.client.log_table(self.run_id, {c: [r.get(c) for r in rows] for c in columns}, name)
+        import pandas as pd
+
+        self.client.log_table(self.run_id, pd.DataFrame(rows), name)
 
     def summary(self, name: str, params: dict, metrics: dict) -> None:
         """A top-level run holding one policy's params, evaluation and cost, tagged with its pipeline run
