@@ -88,8 +88,9 @@ real: setup
 	$(BIN)/alignpipe real --workspace .real
 
 # Test files on TEST_WORKERS processes, each file whole on one (its module fixtures, a DVC repo or a
-# Prefect server, are built once): make test TEST_WORKERS=0 runs them in one process.
-TEST_WORKERS ?= 2
+# Prefect server, are built once): make test TEST_WORKERS=0 runs them in one process. Three on 2 cores: the
+# suite waits on servers, DVC and subprocesses for a part of its time, which a third file fills.
+TEST_WORKERS ?= 3
 # The two environments install side by side (each pip mostly waits on downloads and disk, one core each).
 test:
 	$(MAKE) --no-print-directory -j2 setup vllm
