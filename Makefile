@@ -88,9 +88,9 @@ real: setup
 	$(BIN)/alignpipe real --workspace .real
 
 # Test files on TEST_WORKERS processes, each file whole on one (its module fixtures, a DVC repo or a
-# Prefect server, are built once): make test TEST_WORKERS=0 runs them in one process. Three on 2 cores: the
-# suite waits on servers, DVC and subprocesses for a part of its time, which a third file fills.
-TEST_WORKERS ?= 3
+# Prefect server, are built once): make test TEST_WORKERS=0 runs them in one process. Measured on 2 cores
+# (ci-local): 2 processes 1,374 s, 3 processes 1,466 s (no core idle, but slower: they only contend).
+TEST_WORKERS ?= 2
 # The two environments install side by side (each pip mostly waits on downloads and disk, one core each).
 test:
 	$(MAKE) --no-print-directory -j2 setup vllm
