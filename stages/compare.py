@@ -71,9 +71,11 @@ def markdown(df, cols: list[tuple[str, str, str]] = COLUMNS) -> str:
     """The DataFrame as a Markdown table, each column in its format (n/a: not measured)."""
     import pandas as pd
 
-    return text_table([{"policy": p, **{h: fmt.format(v) if pd.notna(v) else "n/a" for (k, h, fmt), v in
-                                        zip(cols, (row[k] for k, _, _ in cols))}}
-                       for p, (_, row) in zip(df["policy"], df.iterrows())])
+    def shown(v, fmt: str) -> str:
+        return fmt.format(v) if pd.notna(v) else "n/a"
+
+    return text_table([{"policy": r["policy"], **{h: shown(r[k], fmt) for k, h, fmt in cols}}
+                       for r in df.to_dict("records")])
 
 
 def text_table(rows: list[dict[str, str]], right: bool = True) -> str:

@@ -250,6 +250,7 @@ def load_pretrained(name_or_path: str, field: str):
                           "nothing can be trained from it")
     return tok, model
 
+
 def frozen(model, task: str):
     """A model that is only run, never trained (a reference, a reward model, the policy evaluate
     measures): in eval mode, without gradients, and sharded like a trained one under FSDP (no process
