@@ -42,6 +42,21 @@ def get(doc: dict, key: str) -> Any:
 
 def apply(path: str | Path, changes: dict[str, Any]) -> None:
     """Set dotted keys in a params file (comments and order kept), validate, write atomically."""
+    text = applied(path, changes)
+    with atomic_file(path) as fh:
+        fh.write(text)
+
+
+def check(path: str | Path, changes: dict[str, Any], where: str) -> None:
+    """ConfigError naming `where` if setting `changes` in the params file would not validate."""
+    try:
+        applied(path, changes)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def applied(path: str | Path, changes: dict[str, Any]) -> str:
+    """The params file's text with dotted keys set (comments and order kept), validated."""
     from ruamel.yaml import YAML
 
     path = Path(path)
@@ -62,8 +77,7 @@ def apply(path: str | Path, changes: dict[str, Any]) -> None:
     rt.dump(doc, buf)
     text = buf.getvalue()
     loads(text, str(path))  # raises ConfigError naming the key
-    with atomic_file(path) as fh:
-        fh.write(text)
+    return text
 
 
 def describe(key: str, current=None) -> str:

@@ -2,12 +2,18 @@
 experiments that measure the other rows of the seeds' method-selection tables, in the scratch
 workspace `.study/`; the report lands in `study/`.
 
-    python -m flows.study [--seeds 0 1 2 3] [--methods ...] [--noise 0.2 0.4] [--no-hacking]
+    python -m flows.study [--seeds 0 1 2 3] [--methods ...] [--noise 0.4] [--no-hacking] [--levels NAME ...]
                           [--params params.yaml] [--workspace .study] [--out study]
 
-Seeds, methods, noise and hacking default to params.yaml's `study` section (seeds 0 1 2 3, the seeds' six
-methods, 20% and 40% flipped pairs, the reward-model GRPO); the options override it (`--methods all`: every
-method the registry knows).
+Seeds, methods, noise, hacking and levels default to params.yaml's `study` section (seeds 0 1 2 3, the
+seeds' six methods, 40% flipped pairs, the reward-model GRPO, two task difficulty levels); the options
+override it (`--methods all`: every method the registry knows; `--levels` picks some of study.levels).
+
+A level is a task difficulty (study.levels: name → param overrides, e.g. `data.embedded.terms: 3`): the
+whole study (every condition on every seed) runs on each level, each level gets its own report
+(<out>/<level>/report.md), and <out>/report.md puts the levels side by side: how hard each is (SFT's
+accuracy and pass@k, the reward model's held-out accuracy) and the source articles' claims tested as
+hypotheses per level (flows/study_claims.py).
 
 A seed is a replicate of the whole chain (its own data draw, base model, SFT, reward model, pairs
 and alignment runs). Each (condition, seed) is one run of the pipeline flow with param overrides, so
@@ -43,7 +49,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows import params as params_edit
-from flows import pipeline, study_report, workspace
+from flows import pipeline, study_claims, study_report, workspace
 from stages.core import config
 
 SNAPSHOT = ["metrics", "plots"]
@@ -78,17 +84,11 @@ def save_experiment(ws: Path, name: str) -> None:
         raise RuntimeError(f"dvc exp save {name}: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
 
 
-@flow(name="alignpipe-study", log_prints=True)
-def study(workspace_dir: str, seeds: list[int], methods: list[str], noise: list[float], hacking: bool,
-          out_dir: str) -> str:
-    """Every condition on every seed through the pipeline flow (each a subflow run), then the report over
-    the seeds whose runs all completed. A run that fails (a stage's gate, say a reward model below
-    reward.min_accuracy) does not stop the others: the report names it, and the flow then fails."""
+def run_level(ws: Path, out: Path, level: str, overrides: dict, seeds: list[int], plan: list[Condition],
+              base: str) -> dict[int, str]:
+    """Every condition on every seed of one level, each a pipeline flow run saved as a DVC experiment and
+    snapshotted into <out>/runs → {seed: why} for the seeds that failed (a failed run ends its seed)."""
     logger = get_run_logger()
-    ws, out = Path(workspace_dir).resolve(), Path(out_dir).resolve()
-    base = (ws / "params.yaml").read_text()
-    plan = conditions(methods, noise, hacking)
-    t0 = time.perf_counter()
     failed: dict[int, str] = {}
     for seed in seeds:
         for cond in plan:
@@ -97,34 +97,67 @@ def study(workspace_dir: str, seeds: list[int], methods: list[str], noise: list[
             align = config.policy_params(cond.methods)  # distill_grpo: a teacher, not a method
             try:
                 pipeline.pipeline(repo_dir=str(ws), methods=align["methods"],
-                                  overrides={"seed": seed, "align.distill.teachers": align["distill"]["teachers"],
-                                             **cond.overrides},
-                                  tags={"study.condition": cond.name, "study.seed": str(seed)})
+                                  overrides={**overrides, "seed": seed,
+                                             "align.distill.teachers": align["distill"]["teachers"], **cond.overrides},
+                                  tags={"study.level": level, "study.condition": cond.name, "study.seed": str(seed)})
             except Exception as e:  # the other conditions of this seed would be incomplete: the seed is out
                 failed[seed] = f"{cond.name}: {str(e).splitlines()[0]}"
-                logger.error(f"seed {seed} left out of the report: {failed[seed]}")
+                logger.error(f"{level}: seed {seed} left out of the report: {failed[seed]}")
                 break
             try:
-                save_experiment(ws, f"study-{cond.name}-s{seed}")
+                save_experiment(ws, f"study-{level}-{cond.name}-s{seed}")
             except RuntimeError as e:  # the run's outputs are in DVC's cache and its snapshot below: go on
                 logger.warning(str(e))
             dest = out / "runs" / cond.name / f"seed_{seed}"
             shutil.rmtree(dest, ignore_errors=True)
             for name in SNAPSHOT:
                 shutil.copytree(ws / name, dest / name)
-            logger.info(f"{cond.name}, seed {seed}: {time.perf_counter() - t_run:.0f} s")
+            logger.info(f"{level}, {cond.name}, seed {seed}: {time.perf_counter() - t_run:.0f} s")
     (ws / "params.yaml").write_text(base)
-    complete = [s for s in seeds if s not in failed]
-    if not complete:
-        raise RuntimeError(f"every seed failed, e.g. seed {seeds[0]}: {failed[seeds[0]]}")
-    report = study_report.write(out, complete, [(c.name, c.methods) for c in plan], time.perf_counter() - t0, failed)
-    create_markdown_artifact(key="study", markdown=report, description=f"Method comparison over seeds {complete}")
-    log_study(ws, out, complete)
-    if failed:
-        first = min(failed)
-        raise StudyIncomplete(f"{len(failed)} of {len(seeds)} seeds failed (seed {first}: {failed[first]}); the report "
-                              f"covers seeds {', '.join(map(str, complete))}: {out / 'report.md'}")
+    return failed
+
+
+@flow(name="alignpipe-study", log_prints=True)
+def study(workspace_dir: str, seeds: list[int], methods: list[str], noise: list[float], hacking: bool,
+          levels: dict[str, dict], out_dir: str, report_only: bool = False) -> str:
+    """Every condition on every seed of every level through the pipeline flow (each a subflow run), then a
+    report per level over the seeds whose runs all completed, and the overview over the levels. A run that
+    fails (a stage's gate, say a reward model below reward.min_accuracy) does not stop the others: the
+    report names it, and the flow then fails. report_only: run nothing, report the seeds whose runs are all
+    in <out> (studies of disjoint seeds run side by side, one per GPU or workspace, reported together)."""
+    ws, out = Path(workspace_dir).resolve(), Path(out_dir).resolve()
+    base = (ws / "params.yaml").read_text()
+    plan = conditions(methods, noise, hacking)
+    pairs = [(c.name, c.methods) for c in plan]
+    t0 = time.perf_counter()
+    failed: dict[str, dict[int, str]] = {}
+    done: dict[str, list[int]] = {}
+    for level, overrides in levels.items():
+        t_level = time.perf_counter()
+        failed[level] = (missing(out / level, seeds, plan) if report_only else
+                         run_level(ws, out / level, level, overrides, seeds, plan, base))
+        done[level] = [s for s in seeds if s not in failed[level]]
+        if done[level]:
+            study_report.write(out / level, done[level], pairs, time.perf_counter() - t_level, failed[level])
+    done = {lv: s for lv, s in done.items() if s}
+    if not done:
+        level = next(iter(levels))
+        raise RuntimeError(f"every seed failed, e.g. {level} seed {seeds[0]}: {failed[level][seeds[0]]}")
+    report = study_claims.overview(out, levels, done, pairs, time.perf_counter() - t0)
+    create_markdown_artifact(key="study", markdown=report, description=f"Method comparison over levels {list(done)}")
+    log_study(ws, out, seeds)
+    lost = [(lv, s, why) for lv, f in failed.items() for s, why in sorted(f.items())]
+    if lost:
+        lv, s, why = lost[0]
+        raise StudyIncomplete(f"{len(lost)} (level, seed) runs failed ({lv} seed {s}: {why}); the report covers the "
+                              f"others: {out / 'report.md'}")
     return report
+
+
+def missing(out: Path, seeds: list[int], plan: list[Condition]) -> dict[int, str]:
+    """{seed: why} for the seeds with a condition whose run is not in <out>/runs."""
+    return {s: f"{c.name}: no run in {out / 'runs' / c.name}" for s in seeds for c in reversed(plan)
+            if not (out / "runs" / c.name / f"seed_{s}" / "metrics").is_dir()}
 
 
 class StudyIncomplete(RuntimeError):
@@ -139,8 +172,11 @@ def log_study(ws: Path, out: Path, seeds: list[int]) -> None:
     client, _ = tracking.client_and_experiment(ws)
     run = tracking.start_parent(f"study, seeds {' '.join(map(str, seeds))}",
                                 {"alignpipe.kind": "study", "prefect.flow_run_id": pipeline._flow_run_id()}, root=ws)
-    for path in [out / "report.md", out / "study.json", out / "study.csv", *sorted(out.glob("*.png"))]:
+    for path in [out / "report.md", out / "claims.json"]:
         client.log_artifact(run, str(path))
+    for level in sorted(p.parent for p in out.glob("*/study.json")):
+        for path in [level / "report.md", level / "study.json", level / "study.csv", *sorted(level.glob("*.png"))]:
+            client.log_artifact(run, str(path), artifact_path=level.name)
     tracking.end_run(run, root=ws)
 
 
@@ -152,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="shares of flipped pairs (none: leave the noise condition out; default: study.noise)")
     p.add_argument("--no-hacking", dest="hacking", action="store_false", default=None,
                    help="leave out GRPO rewarded by the reward model (default: study.hacking)")
+    p.add_argument("--levels", nargs="+", help="names of study.levels to run (default: all of them)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: report the runs already in --out (studies of disjoint seeds, reported together)")
     p.add_argument("--params", default=str(workspace.ROOT / "params.yaml"))
     p.add_argument("--workspace", default=".study")
     p.add_argument("--out", default="study")
@@ -160,12 +199,18 @@ def main(argv: list[str] | None = None) -> None:
         cfg = params_edit.loads(Path(args.params).read_text(), args.params)  # a bad key: one line, before any work
         chosen = {k: getattr(args, k) for k in ("seeds", "methods", "noise", "hacking") if getattr(args, k) is not None}
         s = params_edit.loads(f"study: {json.dumps({**cfg.study.model_dump(), **chosen})}", "the options").study
+        unknown = sorted(set(args.levels or []) - set(s.levels))
+        if unknown:
+            raise config.ConfigError(f"--levels: {', '.join(unknown)} not in study.levels ({', '.join(s.levels)})")
+        levels = {k: v for k, v in s.levels.items() if not args.levels or k in args.levels}
+        for name, overrides in levels.items():  # a bad override: one line, before any work
+            params_edit.check(args.params, overrides, f"study.levels.{name}")
         ws = Path(args.workspace)
         if ws.exists():
             workspace.copy_code(ws, args.params)
         else:
             workspace.create(ws, args.params)
-        return study(str(ws), s.seeds, s.methods, s.noise, s.hacking, args.out)
+        return study(str(ws), s.seeds, s.methods, s.noise, s.hacking, levels, args.out, args.report_only)
 
     pipeline.run_cli(work)
 

@@ -28,7 +28,7 @@ def load_sets(cfg: config.Params) -> dict[str, list[dict]]:
     if "embedded" in sources.values():
         e = d.embedded
         embedded = task.TASKS[e.task](e.max_operand, e.n_sft, e.carry_slip, e.sft_noise, e.n_preference,
-                                      e.carry_pairs, e.n_prompts, e.n_eval, cfg.seed)
+                                      e.carry_pairs, e.n_prompts, e.n_eval, cfg.seed, e.terms)
     sets = {}
     for name, source in sources.items():
         if source == "embedded":

@@ -39,6 +39,7 @@ def fake_run(d, seed: int, accuracy: dict, reward: dict | None = None) -> None:
                 w.writerow({"step": step, "probe/accuracy": a, "rollout/reward_mean": a, "rollout/accuracy": a,
                             "cost/wall_s": 6 * step})
     (d / "metrics" / "pairs.json").write_text(json.dumps({"cost/tokens_generated": 1000}))
+    (d / "metrics" / "reward.json").write_text(json.dumps({"reward/heldout_accuracy": 0.9 + seed / 100}))
 
 
 def test_the_report_states_what_the_seeds_support(tmp_path, tmp_path_factory):
@@ -102,35 +103,90 @@ def test_the_report_states_what_the_seeds_support(tmp_path, tmp_path_factory):
     assert "| reward model | +1.600 ± 0.248 | +1.0% ± 2.5% | n/a |" in md.split("## Reward hacking")[1]
 
 
+def test_the_articles_claims_are_tested_per_level(tmp_path):
+    """Two levels of made-up runs. On "hard", verifier RL (GRPO, RLOO) − preference optimisation (DPO, IPO,
+    KTO) = [+30, +35, +32] pts: mean +32.3, s = 2.52, t = 22.3 on 2 dof, p = 1 − t/√(t² + 2) = 0.0020:
+    supported after Holm over the claims tested; PPO − DPO = [−5, −15, −2]: not separated; GRPO by the
+    verifier − by the RM = [+40, +50, +44]: supported. On "easy" the two families tie: not separated."""
+    from flows import study_claims
+
+    hard = {"sft": [0.20, 0.30, 0.25], "dpo": [0.30, 0.35, 0.32], "grpo": [0.60, 0.70, 0.64],
+            "ppo": [0.25, 0.20, 0.30]}
+    hard |= {"ipo": hard["dpo"], "kto": hard["dpo"], "rloo": hard["grpo"]}
+    easy = {**hard, "grpo": [0.35, 0.30, 0.36], "rloo": [0.35, 0.30, 0.36]}
+    plan = [("main", ["ppo", "dpo", "ipo", "kto", "grpo", "rloo"]), ("noise-0.4", ["dpo", "ipo", "kto"]),
+            ("rm-reward", ["grpo"])]
+    for level, acc in (("easy", easy), ("hard", hard)):
+        for seed in SEEDS:
+            runs = tmp_path / level / "runs"
+            fake_run(runs / "main" / f"seed_{seed}", seed, acc)
+            drop = {"dpo": [0.10, 0.12, 0.08], "ipo": [0.02, 0.05, 0.01], "kto": [0.1] * 3}
+            fake_run(runs / "noise-0.4" / f"seed_{seed}", seed,
+                     {"sft": acc["sft"], **{m: [a - d for a, d in zip(acc[m], drop[m])] for m in drop}})
+            fake_run(runs / "rm-reward" / f"seed_{seed}", seed, {"sft": acc["sft"], "grpo": [0.20, 0.20, 0.20]})
+        study_report.write(tmp_path / level, SEEDS, plan, 60.0)
+    levels = {"easy": {}, "hard": {"data.embedded.terms": 3}}
+    md = squeezed(study_claims.overview(tmp_path, levels, {"easy": SEEDS, "hard": SEEDS}, plan, 120.0))
+
+    claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+    rl = claims["hard"]["Verifier RL beats preference optimisation on reasoning"]
+    assert rl["mean"] == pytest.approx(0.3233, abs=1e-4) and rl["p"] == pytest.approx(0.00202, abs=2e-5)
+    assert rl["verdict"] == "supported"
+    assert claims["easy"]["Verifier RL beats preference optimisation on reasoning"]["verdict"] == "not separated"
+    assert claims["hard"]["Online RLHF (PPO) has a higher ceiling than DPO"]["verdict"] == "not separated"
+    assert claims["hard"]["A verifier resists reward hacking better than a learned reward model"]["verdict"] == "supported"
+    assert claims["hard"]["Preference optimisation depends on the pairs' quality"]["verdict"] == "supported"
+    assert claims["hard"]["IPO's regularisation makes it more robust to noisy pairs than DPO"]["mean"] == \
+        pytest.approx(0.0733, abs=1e-4)
+    # the same cost on every seed: no spread to test against, so nothing is claimed
+    assert claims["hard"]["DPO trains with less compute than GRPO"]["verdict"] == "not tested"
+    assert "| hard | 25.0% ± 12.4% |" in md  # SFT's accuracy, the level's difficulty
+    assert "91.0% ± 2.5%" in md  # the reward model's held-out accuracy over the seeds (0.90, 0.91, 0.92)
+    assert "supported: +32.3 pts (95% CI +26.1 to +38.6)" in md
+    assert "# Level hard" in md and "## Method comparison over 3 seeds" in md  # each level's own report, below
+
+
 @pytest.mark.integration
-def test_a_study_runs_every_condition_on_every_seed_and_reruns_nothing(tmp_path):
-    """The real thing on the lean smoke profile: 2 seeds × (main, noise-0.4), DPO (the reward-hacking condition
-    is an override like the noise one; its table is checked above), each a pipeline flow run through DVC and a
-    saved DVC experiment; the report's per-seed values are the runs' own metrics; a second study over a
-    seed already run gives that seed's values back (from DVC's run-cache)."""
+def test_a_study_runs_every_level_and_seed_and_reruns_nothing(tmp_path):
+    """The real thing on the lean smoke profile: 2 levels (two terms, three) × 2 seeds, DPO, each a pipeline
+    flow run through DVC and a saved DVC experiment; the report's per-seed values are the runs' own metrics
+    and the overview has both levels and the claims. A second study over one seed already run, with the noise
+    condition added, gives that seed's values back (from DVC's run-cache) and flips pairs only where asked.
+    (The reward-hacking condition is an override like the noise one; its table is checked above.)"""
     lean = helpers.lean_params(tmp_path / "params.yaml")
-    args = [sys.executable, "-m", "flows.study", "--params", str(lean), "--methods", "dpo", "--noise", "0.4",
-            "--no-hacking", "--workspace", str(tmp_path / "ws"), "--out", str(tmp_path / "study")]
-    helpers.run([*args, "--seeds", "0", "1"], cwd=tmp_path, timeout=1200)
+    from flows import params
+
+    params.apply(lean, {"study.levels": {"easy": {}, "hard": {"data.embedded.terms": 3}}})
+    args = [sys.executable, "-m", "flows.study", "--params", str(lean), "--methods", "dpo", "--no-hacking",
+            "--workspace", str(tmp_path / "ws"), "--out", str(tmp_path / "study")]
+    helpers.run([*args, "--seeds", "0", "1", "--noise"], cwd=tmp_path, timeout=1200)
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname:lstrip=-1)", "refs/exps"], cwd=tmp_path / "ws",
                           capture_output=True, text=True).stdout.split()
-    assert {f"study-{c}-s{s}" for c in ("main", "noise-0.4") for s in (0, 1)} <= set(refs)
-    out = json.loads((tmp_path / "study" / "study.json").read_text())
-    for cond, seed, policy in (("main", 1, "dpo"), ("noise-0.4", 0, "dpo"), ("main", 0, "sft")):
-        ev = json.loads((tmp_path / "study" / "runs" / cond / f"seed_{seed}" / "metrics" / f"eval_{policy}.json")
-                        .read_text())
-        assert out["per_seed"][cond][str(seed)][policy]["eval/reward_mean"] == ev["eval/reward_mean"]
-    main = out["per_seed"]["main"]
-    assert main["0"]["sft"]["eval/reward_mean"] != main["1"]["sft"]["eval/reward_mean"]  # seeds are replicates
-    runs = tmp_path / "study" / "runs"
-    assert json.loads((runs / "noise-0.4" / "seed_0" / "metrics" / "pairs.json").read_text())["pairs/flipped"] > 0
-    assert json.loads((runs / "main" / "seed_0" / "metrics" / "pairs.json").read_text())["pairs/flipped"] == 0
-    assert (tmp_path / "study" / "report.md").read_text().startswith("# Method comparison over 2 seeds (0, 1)")
+    assert {f"study-{lv}-main-s{s}" for lv in ("easy", "hard") for s in (0, 1)} <= set(refs)
+    for level in ("easy", "hard"):
+        out = json.loads((tmp_path / "study" / level / "study.json").read_text())
+        for seed, policy in ((1, "dpo"), (0, "sft")):
+            ev = json.loads((tmp_path / "study" / level / "runs" / "main" / f"seed_{seed}" / "metrics" /
+                             f"eval_{policy}.json").read_text())
+            assert out["per_seed"]["main"][str(seed)][policy]["eval/reward_mean"] == ev["eval/reward_mean"]
+        main = out["per_seed"]["main"]
+        assert main["0"]["sft"]["eval/reward_mean"] != main["1"]["sft"]["eval/reward_mean"]  # seeds are replicates
+    hard = (tmp_path / "study" / "hard" / "runs" / "main" / "seed_0" / "metrics" / "eval_sft.json")
+    assert json.loads(hard.read_text())["eval/n_prompts"] == 12
+    report = (tmp_path / "study" / "report.md").read_text()
+    assert report.startswith("# Method comparison over 2 task difficulty levels")
+    assert "# Level easy" in report and "# Level hard" in report and "GRPO beats DPO on reasoning" in report
+    claims = json.loads((tmp_path / "study" / "claims.json").read_text())
+    assert claims["levels"]["hard"] == {"overrides": {"data.embedded.terms": 3}, "seeds": [0, 1]}
+    before = json.loads((tmp_path / "study" / "easy" / "study.json").read_text())["per_seed"]["main"]["1"]
 
-    again = helpers.run([*args, "--seeds", "1", "--noise", "--no-hacking"], cwd=tmp_path, timeout=600)
+    again = helpers.run([*args, "--seeds", "1", "--noise", "0.4", "--levels", "easy"], cwd=tmp_path, timeout=600)
     assert again.returncode == 0
-    rerun = json.loads((tmp_path / "study" / "study.json").read_text())
-    assert rerun["per_seed"]["main"]["1"] == out["per_seed"]["main"]["1"]  # seed 1's outputs, as they were
+    rerun = json.loads((tmp_path / "study" / "easy" / "study.json").read_text())
+    assert rerun["per_seed"]["main"]["1"] == before  # seed 1's outputs, as they were
+    runs = tmp_path / "study" / "easy" / "runs"
+    assert json.loads((runs / "noise-0.4" / "seed_1" / "metrics" / "pairs.json").read_text())["pairs/flipped"] > 0
+    assert json.loads((runs / "main" / "seed_1" / "metrics" / "pairs.json").read_text())["pairs/flipped"] == 0
 
 
 def test_a_distilled_policy_is_a_study_method_with_its_teacher():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -62,12 +62,18 @@ class EmbeddedData(Section):
     pretrained chat model (use with verifier.extract: auto); python_functions: `f(x) = x + 13` answered
     with a program, rewarded by running the row's tests in the sandbox (reward.code)."""
     max_operand: int = Field(50, ge=2, le=1000)
-    """Problems are a+b with 0 <= a, b < max_operand."""
+    """Problems are sums of operands with 0 <= each < max_operand."""
+    terms: int = Field(2, ge=2, le=6)
+    """Operands per problem: the difficulty knob. The answer is the chain of running sums (12+34+45= →
+    "64 19": 46, then 91), each step a two-number sum that reads the step before; the demonstrator drops
+    each carry with probability carry_slip and carries a wrong sum on, so every step must be right. 2 is
+    the original task. A chain of n terms needs 4(n − 1) new tokens at most: raise every max_new_tokens
+    (8) from 4 terms on. python_functions takes 2 only."""
     n_sft: int = Field(20000, ge=1)
     """SFT demonstrations (drawn with replacement from the training problems)."""
     carry_slip: float = Field(0.6, ge=0.0, le=1.0)
-    """Share of SFT demonstrations of carrying problems (7+5 >= 10 in the units) that drop the carry:
-    a systematic demonstrator error that caps SFT accuracy and that preferences and the verifier fix."""
+    """Chance that the SFT demonstrator drops a carry (7+5 >= 10 in the units), per carrying column: a
+    systematic demonstrator error that caps SFT accuracy and that preferences and the verifier fix."""
     sft_noise: float = Field(0.05, ge=0.0, lt=1.0)
     """Share of the other SFT demonstrations with a random plausible mistake."""
     n_preference: int = Field(4000, ge=2)
@@ -78,7 +84,14 @@ class EmbeddedData(Section):
     n_prompts: int = Field(2000, ge=1)
     """Training prompts for sampling (pairs stage, online methods)."""
     n_eval: int = Field(300, ge=1)
-    """Held-out problems for evaluation; no training set contains them."""
+    """Held-out problems for evaluation; no training set contains them. A seed's accuracy has a standard
+    error of sqrt(p(1-p)/n_eval): 2.9 points at p 0.5 and n_eval 300, under 2 from 625 (the study's levels)."""
+
+    @model_validator(mode="after")
+    def _terms(self):
+        if self.task == "python_functions" and self.terms != 2:
+            raise ValueError(f"terms: python_functions writes f(x) = x + b, two terms only (got {self.terms})")
+        return self
 
 
 class DataConfig(Section):
@@ -690,11 +703,18 @@ class StudyConfig(Section):
     """Policies of the main condition: methods of align.methods, and distill_<teacher> for a distilled one
     (align.distill.teachers); [all] is every method and distill_grpo. A study of every method at 4 seeds takes
     longer than an hour on a 2-core CPU, so the default stays the seeds' six)."""
-    noise: list[float] = [0.2, 0.4]
+    noise: list[float] = [0.4]
     """Shares of flipped pairs (pairs.flip_fraction) of the noisy-preference condition, run on the offline
-    methods; [] leaves it out."""
+    methods; [] leaves it out. (0.2 cost DPO 2.4 points, not separated from 0 over 5 seeds; 0.4 cost 17.)"""
     hacking: bool = True
     """Run GRPO rewarded by the reward model alone next to the main GRPO (rewarded by the verifier)."""
+    levels: dict[str, dict[str, Any]] = {"terms-2": {},
+                                         "terms-3": {"data.embedded.terms": 3, "data.embedded.n_eval": 640}}
+    """Task difficulty levels: name → param overrides (dotted keys) for every run of that level. The whole
+    study runs on each; the report gives each level's tables and tests the articles' claims per level.
+    Default: the original task (two terms, SFT near 60%, 300 held-out problems: all 2,500 sums of two
+    numbers under 50 are used, and 640 held out left seed 0's SFT on its plateau) and three terms (a chain
+    of two sums, SFT near 30%, 640 held out: one seed's standard error under 2 points)."""
 
     @field_validator("methods")
     @classmethod
@@ -702,6 +722,16 @@ class StudyConfig(Section):
         if methods == ["all"]:
             return every_policy()
         return AlignConfig.model_validate(policy_params(methods)).policies()
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, levels: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if not levels:
+            raise ValueError("name at least one level ({name: {}} runs the params as they are)")
+        bad = [name for name in levels if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)]
+        if bad:
+            raise ValueError(f"level name {bad[0]!r}: letters, digits, '_', '.' and '-' only (it names a directory)")
+        return levels
 
     @field_validator("noise")
     @classmethod
