@@ -64,11 +64,13 @@ compare: setup
 	$(UI_HINT)
 
 # The comparison over several seeds with 95% intervals and paired tests, plus the noisy-preference and
-# reward-hacking runs (params.yaml's `study` section), in the scratch workspace .study/; the report is
-# study/report.md. Options override the section: make study STUDY="--seeds 0 1 2 3 4 --noise".
+# reward-hacking runs, on each task difficulty level (params.yaml's `study` section), in the scratch
+# workspace .study/; the report is study/report.md (the levels side by side and the articles' claims
+# tested), each level's in study/<level>/. Options override the section:
+# make study STUDY="--levels terms-3 --seeds 0 1 2 3 4".
 study: setup
 	$(BIN)/alignpipe study $(STUDY)
-	@echo "report: study/report.md (plots and per-seed values beside it; dvc exp show in .study/ lists the runs)"
+	@echo "report: study/report.md (each level's tables, plots and per-seed values in study/<level>/; dvc exp show in .study/ lists the runs)"
 
 # The whole chain on the smoke profile, in a scratch workspace (.smoke/), in about a minute.
 smoke: setup

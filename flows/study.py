@@ -50,7 +50,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import params as params_edit
 from flows import pipeline, study_claims, study_report, workspace
-from stages.core import config
+from stages.core import config, io
 
 SNAPSHOT = ["metrics", "plots"]
 """What a run leaves that the report reads, copied per (condition, seed) into <out>/runs/."""
@@ -134,6 +134,9 @@ def study(workspace_dir: str, seeds: list[int], methods: list[str], noise: list[
     done: dict[str, list[int]] = {}
     for level, overrides in levels.items():
         t_level = time.perf_counter()
+        if report_only and not (out / level / "runs").is_dir() and (out / level / "study.json").exists():
+            failed[level], done[level] = {}, io.read_json(out / level / "study.json")["seeds"]  # its report stands
+            continue
         failed[level] = (missing(out / level, seeds, plan) if report_only else
                          run_level(ws, out / level, level, overrides, seeds, plan, base))
         done[level] = [s for s in seeds if s not in failed[level]]
@@ -143,7 +146,7 @@ def study(workspace_dir: str, seeds: list[int], methods: list[str], noise: list[
     if not done:
         level = next(iter(levels))
         raise RuntimeError(f"every seed failed, e.g. {level} seed {seeds[0]}: {failed[level][seeds[0]]}")
-    report = study_claims.overview(out, levels, done, pairs, time.perf_counter() - t0)
+    report = study_claims.overview(out, levels, done, pairs, None if report_only else time.perf_counter() - t0)
     create_markdown_artifact(key="study", markdown=report, description=f"Method comparison over levels {list(done)}")
     log_study(ws, out, seeds)
     lost = [(lv, s, why) for lv, f in failed.items() for s, why in sorted(f.items())]

@@ -154,13 +154,22 @@ def amount(d: stats.Difference | None, unit: str) -> str:
     return f"{e.mean:+.0f} {unit}{ci}"
 
 
+def load(out: Path, seeds: list[int], plan) -> dict:
+    """One level's runs (study_report.load), or, where its runs were not kept (<out>/runs is git-ignored),
+    the per-seed values its study.json holds (everything the claims read; no training curves)."""
+    if (out / "runs").is_dir():
+        return study_report.load(out, seeds, plan)
+    per_seed = io.read_json(out / "study.json")["per_seed"]
+    return {c: {int(s): rows for s, rows in by_seed.items() if int(s) in seeds} for c, by_seed in per_seed.items()}
+
+
 def difficulty(runs: dict, seeds: list[int], out: Path) -> dict:
     """What one level is: SFT's accuracy and pass@k at the eval temperature, the reward model's held-out
     accuracy (each mean ± 95% interval over seeds), the held-out set's size and one seed's standard error."""
     sft = {k: study_report.estimate(study_report.per_seed(runs, "main", "sft", k, seeds))
            for k in runs["main"][seeds[0]]["sft"] if k == ACC or k.startswith("eval/pass_at_")}
-    rm = [io.read_json(out / "runs" / "main" / f"seed_{s}" / "metrics" / "reward.json").get("reward/heldout_accuracy")
-          for s in seeds]
+    files = [out / "runs" / "main" / f"seed_{s}" / "metrics" / "reward.json" for s in seeds]
+    rm = [io.read_json(f).get("reward/heldout_accuracy") if f.exists() else None for f in files]
     n = [runs["main"][s]["sft"].get("eval/n_prompts") for s in seeds]
     return {"sft": sft, "rm": study_report.estimate(None if None in rm else rm), "n_eval": n[0]}
 
@@ -196,17 +205,19 @@ def demoted(md: str) -> str:
     return re.sub(r"^(#+) ", r"#\1 ", md, flags=re.M)
 
 
-def overview(out: Path, levels: dict[str, dict], done: dict[str, list[int]], plan, seconds: float) -> str:
-    """The top report over the levels that have complete seeds (`done`: level → seeds)."""
-    runs = {lv: study_report.load(out / lv, seeds, plan) for lv, seeds in done.items()}
+def overview(out: Path, levels: dict[str, dict], done: dict[str, list[int]], plan, seconds: float | None) -> str:
+    """The top report over the levels that have complete seeds (`done`: level → seeds); seconds: the run's
+    wall time (None: a report of runs made before)."""
+    runs = {lv: load(out / lv, seeds, plan) for lv, seeds in done.items()}
     diff = {lv: difficulty(runs[lv], seeds, out / lv) for lv, seeds in done.items()}
     tested = {lv: test_claims(runs[lv], seeds) for lv, seeds in done.items()}
     knobs = "; ".join(f"**{lv}**: " + (", ".join(f"`{k}: {v}`" for k, v in levels[lv].items()) or "params as they are")
                       for lv in done)
     parts = [
-        f"# Method comparison over {len(done)} task difficulty levels\n",
+        f"# Method comparison over {len(done)} task difficulty level{'s' if len(done) > 1 else ''}\n",
         f"Levels ({knobs}). Each level is the whole study (every condition on every seed); its own report follows "
-        f"below. This run took {seconds / 60:.0f} min.\n",
+        "below. " + ("Written from the levels' runs already made (report only): each level's report gives its run "
+                     "time.\n" if seconds is None else f"This run took {seconds / 60:.0f} min.\n"),
         "## How hard each level is (the SFT policy and the reward model, before any alignment)\n",
         difficulty_table(diff),
         "pass@k: the SFT policy's chance that one of k samples at the eval temperature is right (Chen et al.'s "

@@ -145,6 +145,12 @@ def test_the_articles_claims_are_tested_per_level(tmp_path):
     assert "supported: +32.3 pts (95% CI +26.1 to +38.6)" in md
     assert "# Level hard" in md and "## Method comparison over 3 seeds" in md  # each level's own report, below
 
+    # A level whose runs were not kept (study/runs is git-ignored): the claims come from its study.json.
+    shutil.rmtree(tmp_path / "easy" / "runs")
+    md = squeezed(study_claims.overview(tmp_path, levels, {"easy": SEEDS, "hard": SEEDS}, plan, None))
+    assert json.loads((tmp_path / "claims.json").read_text())["claims"] == claims
+    assert "(report only)" in md and "| easy |" in md
+
 
 @pytest.mark.integration
 def test_a_study_runs_every_level_and_seed_and_reruns_nothing(tmp_path):
