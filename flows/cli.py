@@ -3,7 +3,7 @@
     alignpipe run [--methods dpo grpo] [--set align.dpo.beta=0.05] [--pool gpu]
     alignpipe repro [dvc repro options]
     alignpipe compare [--show]
-    alignpipe study [--seeds 0 1 2 3] [--methods all]
+    alignpipe study [--seeds 0 1 2 3] [--methods all] [--levels terms-3]
     alignpipe real | workers | deploy | ui
     alignpipe params [KEY]
     alignpipe doctor
@@ -22,7 +22,7 @@ from pathlib import Path
 DELEGATED = {  # command → (module whose main(argv) it runs, what it does)
     "run": ("flows.pipeline", "the whole pipeline on params.yaml as a Prefect flow; DVC reruns only what is stale"),
     "repro": ("flows.repro", "dvc repro, after params.yaml and what it names are checked (options go to dvc)"),
-    "study": ("flows.study", "the methods over several seeds: intervals, paired tests, noise and hacking runs"),
+    "study": ("flows.study", "methods over seeds and difficulty levels: intervals, paired tests, claims tested"),
     "real": ("flows.real", "the whole chain on a real chat model (SmolLM2-135M-Instruct) in .real/"),
     "workers": ("flows.cluster", "the smoke pipeline across two Prefect workers on this machine, in .workers/"),
     "deploy": ("flows.deploy", "serve the pipeline as a Prefect deployment (a schedule, a pool for its stages)"),

@@ -134,7 +134,8 @@ def test_the_articles_claims_are_tested_per_level(tmp_path):
     assert rl["verdict"] == "supported"
     assert claims["easy"]["Verifier RL beats preference optimisation on reasoning"]["verdict"] == "not separated"
     assert claims["hard"]["Online RLHF (PPO) has a higher ceiling than DPO"]["verdict"] == "not separated"
-    assert claims["hard"]["A verifier resists reward hacking better than a learned reward model"]["verdict"] == "supported"
+    hacking = claims["hard"]["A verifier resists reward hacking better than a learned reward model"]
+    assert hacking["verdict"] == "supported"
     assert claims["hard"]["Preference optimisation depends on the pairs' quality"]["verdict"] == "supported"
     assert claims["hard"]["IPO's regularisation makes it more robust to noisy pairs than DPO"]["mean"] == \
         pytest.approx(0.0733, abs=1e-4)

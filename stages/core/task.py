@@ -182,7 +182,8 @@ def chat_reply(p: Problem, partials: list[int]) -> str:
 
 
 def make_chat_datasets(max_operand: int, n_sft: int, carry_slip: float, sft_noise: float, n_preference: int,
-                       carry_pairs: float, n_prompts: int, n_eval: int, seed: int, terms: int = 2) -> dict[str, list[dict]]:
+                       carry_pairs: float, n_prompts: int, n_eval: int, seed: int,
+                       terms: int = 2) -> dict[str, list[dict]]:
     """The chat_arithmetic sets: the same problems, demonstrator and preferences as make_datasets, in
     natural language with plain (not reversed) answers. Rejected replies are a wrong sum (the carry
     done wrong with probability carry_pairs, else another plausible mistake)."""
@@ -234,7 +235,8 @@ def make_datasets(
     sft = []
     for _ in range(n_sft):
         p = pick()
-        sft.append({"prompt": user(p.prompt), "completion": assistant(written(demonstrate(p, rng, carry_slip, sft_noise)))})
+        claimed = demonstrate(p, rng, carry_slip, sft_noise)
+        sft.append({"prompt": user(p.prompt), "completion": assistant(written(claimed))})
     preference = []
     for _ in range(n_preference):
         p = pick()
@@ -268,7 +270,8 @@ def wrong_program(p: Problem, rng: random.Random) -> str:
 
 
 def make_code_datasets(max_operand: int, n_sft: int, carry_slip: float, sft_noise: float, n_preference: int,
-                       carry_pairs: float, n_prompts: int, n_eval: int, seed: int, terms: int = 2) -> dict[str, list[dict]]:
+                       carry_pairs: float, n_prompts: int, n_eval: int, seed: int,
+                       terms: int = 2) -> dict[str, list[dict]]:
     """The python_functions sets. The demonstrator drops the tens digit of a constant ≥ 10 with
     probability carry_slip (x+13 → x+3) and writes another wrong program with probability sft_noise;
     rejected programs get the tens wrong with probability carry_pairs. Prompt and eval rows carry `tests`
