@@ -141,7 +141,8 @@ def study(workspace_dir: str, seeds: list[int], methods: list[str], noise: list[
                          run_level(ws, out / level, level, overrides, seeds, plan, base))
         done[level] = [s for s in seeds if s not in failed[level]]
         if done[level]:
-            study_report.write(out / level, done[level], pairs, time.perf_counter() - t_level, failed[level])
+            study_report.write(out / level, done[level], pairs, None if report_only else time.perf_counter() - t_level,
+                               failed[level])
     done = {lv: s for lv, s in done.items() if s}
     if not done:
         level = next(iter(levels))

@@ -214,7 +214,7 @@ def reading(vs_sft: dict, pairs: dict, n: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], seconds: float,
+def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], seconds: float | None,
           failed: dict[int, str] | None = None) -> str:
     """Read every run of the study's complete `seeds`, write the report and its files → the markdown.
     failed: seeds left out → why (the report says so: what survives a gate is not a random sample)."""
@@ -232,8 +232,9 @@ def write(out: Path, seeds: list[int], plan: list[tuple[str, list[str]]], second
         "alignment). A cell is the mean over seeds ± the half-width of its 95% Student-t interval "
         "(t(0.975, n−1)·s/√n). Differences are paired by seed (the methods of a seed share everything "
         "upstream) and tested with a two-sided paired t-test, Holm-corrected over each family of tests. "
-        f"This run of the study took {seconds / 60:.0f} min (a stage already run for its params and inputs is "
-        "restored from DVC's cache, not retrained).\n",
+        + ("Written from runs made before (report only). " if seconds is None else
+         f"This run of the study took {seconds / 60:.0f} min (a stage already run for its params and inputs is "
+         "restored from DVC's cache, not retrained).") + "\n",
         *([f"**Seeds left out** ({len(failed)} of {len(failed) + len(seeds)}): " + "; ".join(
             f"seed {s}, {why}" for s, why in sorted(failed.items())) + ". Every figure below is over the other "
             "seeds only, so it describes the runs that passed every gate, not every run.\n"] if failed else []),
