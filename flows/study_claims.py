@@ -55,23 +55,24 @@ def _pair(cond_a: str, a: tuple[str, ...], cond_b: str, b: tuple[str, ...]):
     return values
 
 
-def _cost(key: str, a: str, b: str):
+def _metric(key: str, a: str, b: str, scale: float = 1.0):
+    """A main-condition metric of policies a and b per seed (× scale)."""
     def values(runs: dict, seeds: list[int]):
         if any(p not in runs["main"][seeds[0]] for p in (a, b)):
             return None
         va, vb = (study_report.per_seed(runs, "main", p, key, seeds) for p in (a, b))
-        return None if va is None or vb is None else (va, vb)
+        return None if va is None or vb is None else ([v * scale for v in va], [v * scale for v in vb])
     return values
 
 
-def _noise_drop(method: str, sign: int = 1):
-    """Accuracy lost by `method` at the most noise (main − most noisy), × sign."""
+def _noise_drop(method: str):
+    """`method`'s accuracy on clean pairs and on the most flipped ones, per seed."""
     def values(runs: dict, seeds: list[int]):
         noisy = sorted((c for c in runs if c.startswith("noise-")), key=lambda c: float(c.split("-", 1)[1]))
         if not noisy:
             return None
         clean, flipped = _acc(runs, seeds, "main", (method,)), _acc(runs, seeds, noisy[-1], (method,))
-        return None if clean is None or flipped is None else (clean, flipped) if sign > 0 else (flipped, clean)
+        return None if clean is None or flipped is None else (clean, flipped)
     return values
 
 
@@ -81,15 +82,6 @@ def _robustness(runs: dict, seeds: list[int]):
     if dpo is None or ipo is None:
         return None
     return [c - f for c, f in zip(*dpo)], [c - f for c, f in zip(*ipo)]
-
-
-def _stability(a: str, b: str):
-    def values(runs: dict, seeds: list[int]):
-        if any(p not in runs["main"][seeds[0]] for p in (a, b)):
-            return None
-        va, vb = ([runs["main"][s][p].get("stability") for s in seeds] for p in (a, b))
-        return None if None in va or None in vb else ([v / 100 for v in va], [v / 100 for v in vb])
-    return values
 
 
 CLAIMS = [
@@ -104,13 +96,13 @@ CLAIMS = [
           "RLHF: performance ceiling high (online optimization); DPO: medium (offline limitations)",
           "accuracy, PPO − DPO", _pair("main", ("ppo",), "main", ("dpo",))),
     Claim("DPO trains with less compute than GRPO", "compute per step: DPO low, GRPO medium (K samples)",
-          "training wall time, GRPO − DPO", _cost("cost/wall_s", "grpo", "dpo"), unit="s"),
+          "training wall time, GRPO − DPO", _metric("cost/wall_s", "grpo", "dpo"), unit="s"),
     Claim("DPO holds less in memory than GRPO",
           "training complexity: DPO low (2 models), GRPO medium (2 models + online generation)",
-          "peak training memory, GRPO − DPO", _cost("cost/peak_mem_mb", "grpo", "dpo"), unit="MB"),
+          "peak training memory, GRPO − DPO", _metric("cost/peak_mem_mb", "grpo", "dpo"), unit="MB"),
     Claim("PPO is less stable than DPO", "training stability: PPO is unstable, DPO stable like SFT",
           "within-run SD of the training probe's accuracy over its last readings, PPO − DPO",
-          _stability("ppo", "dpo")),
+          _metric("stability", "ppo", "dpo", scale=0.01)),
     Claim("Preference optimisation depends on the pairs' quality",
           "choosing a method trades off data quality; DPO learns from offline preference pairs",
           "DPO's accuracy on clean pairs − on the most flipped pairs", _noise_drop("dpo")),
