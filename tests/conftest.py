@@ -55,9 +55,9 @@ def saved_model(tmp_path_factory, tok, tiny_model):
 # The slowest files first (pytest's own order is alphabetical, which put the workers suite, the longest, last):
 # `make test` hands whole files to 2 xdist workers in collection order, so a long file that starts late is a
 # long tail with one core idle. Measured per-file test time on 2 cores, longest first (pytest --durations=0).
-SLOW_FIRST = ["test_distributed", "test_workers", "test_real_model", "test_integration_dvc", "test_engine",
-              "test_integration_prefect", "test_methods", "test_stages", "test_study", "test_lora", "test_sandbox",
-              "test_modes", "test_recovery"]
+SLOW_FIRST = ["test_workers", "test_real_model", "test_distributed", "test_integration_dvc", "test_study",
+              "test_engine", "test_integration_prefect", "test_stages", "test_methods", "test_sandbox", "test_modes",
+              "test_recovery", "test_lora"]
 
 
 def pytest_collection_modifyitems(config, items):

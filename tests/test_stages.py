@@ -130,7 +130,7 @@ def weights(path):
 
 def test_sft_resumes_exactly_after_a_kill(prepared):
     d = prepared
-    smoke_params(d / "params.yaml", **{"sft.steps": 120, "sft.checkpoint_every": 20, "sft.probes": 0})
+    smoke_params(d / "params.yaml", **{"sft.steps": 60, "sft.checkpoint_every": 10, "sft.probes": 0})  # 3.75 epochs
     helpers.stage("sft", *sft_args("models/straight"), cwd=d)
     assert not (d / ".checkpoints" / "sft").exists()  # removed once the outputs are written
 

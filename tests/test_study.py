@@ -154,46 +154,80 @@ def test_the_articles_claims_are_tested_per_level(tmp_path):
 
 
 @pytest.mark.integration
-def test_a_study_runs_every_level_and_seed_and_reruns_nothing(tmp_path):
-    """The real thing on the lean smoke profile: 2 levels (two terms, three) × 2 seeds, DPO, each a pipeline
-    flow run through DVC and a saved DVC experiment; the report's per-seed values are the runs' own metrics
-    and the overview has both levels and the claims. A second study over one seed already run, with the noise
-    condition added, gives that seed's values back (from DVC's run-cache) and flips pairs only where asked.
-    (The reward-hacking condition is an override like the noise one; its table is checked above.)"""
+def test_a_study_runs_every_level_and_reruns_nothing(tmp_path):
+    """The real thing on the lean smoke profile: 2 levels (two terms, three), DPO, each a pipeline flow run
+    through DVC and a saved DVC experiment; the report's per-seed values are the runs' own metrics, the hard
+    level's problems have three terms, and the overview has both levels and the claims. A second study of the
+    easy level, with the noise condition added, gives the seed's values back (from DVC's run-cache) and flips
+    pairs only where asked. (Several seeds and the reward-hacking condition: the tests above and below.)"""
     lean = helpers.lean_params(tmp_path / "params.yaml")
     from flows import params
 
     params.apply(lean, {"study.levels": {"easy": {}, "hard": {"data.embedded.terms": 3}}})
     args = [sys.executable, "-m", "flows.study", "--params", str(lean), "--methods", "dpo", "--no-hacking",
-            "--workspace", str(tmp_path / "ws"), "--out", str(tmp_path / "study")]
-    helpers.run([*args, "--seeds", "0", "1", "--noise"], cwd=tmp_path, timeout=1200)
+            "--workspace", str(tmp_path / "ws"), "--out", str(tmp_path / "study"), "--seeds", "0"]
+    helpers.run([*args, "--noise"], cwd=tmp_path, timeout=1200)
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname:lstrip=-1)", "refs/exps"], cwd=tmp_path / "ws",
                           capture_output=True, text=True).stdout.split()
-    assert {f"study-{lv}-main-s{s}" for lv in ("easy", "hard") for s in (0, 1)} <= set(refs)
+    assert {"study-easy-main-s0", "study-hard-main-s0"} <= set(refs)
     for level in ("easy", "hard"):
         out = json.loads((tmp_path / "study" / level / "study.json").read_text())
-        for seed, policy in ((1, "dpo"), (0, "sft")):
-            ev = json.loads((tmp_path / "study" / level / "runs" / "main" / f"seed_{seed}" / "metrics" /
+        for policy in ("sft", "dpo"):
+            ev = json.loads((tmp_path / "study" / level / "runs" / "main" / "seed_0" / "metrics" /
                              f"eval_{policy}.json").read_text())
-            assert out["per_seed"]["main"][str(seed)][policy]["eval/reward_mean"] == ev["eval/reward_mean"]
-        main = out["per_seed"]["main"]
-        assert main["0"]["sft"]["eval/reward_mean"] != main["1"]["sft"]["eval/reward_mean"]  # seeds are replicates
-    hard = (tmp_path / "study" / "hard" / "runs" / "main" / "seed_0" / "metrics" / "eval_sft.json")
-    assert json.loads(hard.read_text())["eval/n_prompts"] == 12
+            assert out["per_seed"]["main"]["0"][policy]["eval/reward_mean"] == ev["eval/reward_mean"]
+    last = json.loads((tmp_path / "ws" / "data" / "eval.jsonl").read_text().splitlines()[0])  # the hard level's
+    assert re.fullmatch(r"\d+\+\d+\+\d+=", last["prompt"][-1]["content"]), last["prompt"]
     report = (tmp_path / "study" / "report.md").read_text()
     assert report.startswith("# Method comparison over 2 task difficulty levels")
     assert "# Level easy" in report and "# Level hard" in report and "GRPO beats DPO on reasoning" in report
     claims = json.loads((tmp_path / "study" / "claims.json").read_text())
-    assert claims["levels"]["hard"] == {"overrides": {"data.embedded.terms": 3}, "seeds": [0, 1]}
-    before = json.loads((tmp_path / "study" / "easy" / "study.json").read_text())["per_seed"]["main"]["1"]
+    assert claims["levels"]["hard"] == {"overrides": {"data.embedded.terms": 3}, "seeds": [0]}
+    before = json.loads((tmp_path / "study" / "easy" / "study.json").read_text())["per_seed"]["main"]["0"]
 
-    again = helpers.run([*args, "--seeds", "1", "--noise", "0.4", "--levels", "easy"], cwd=tmp_path, timeout=600)
+    again = helpers.run([*args, "--noise", "0.4", "--levels", "easy"], cwd=tmp_path, timeout=600)
     assert again.returncode == 0
     rerun = json.loads((tmp_path / "study" / "easy" / "study.json").read_text())
-    assert rerun["per_seed"]["main"]["1"] == before  # seed 1's outputs, as they were
+    assert rerun["per_seed"]["main"]["0"] == before  # the seed's outputs, as they were
     runs = tmp_path / "study" / "easy" / "runs"
-    assert json.loads((runs / "noise-0.4" / "seed_1" / "metrics" / "pairs.json").read_text())["pairs/flipped"] > 0
-    assert json.loads((runs / "main" / "seed_1" / "metrics" / "pairs.json").read_text())["pairs/flipped"] == 0
+    assert json.loads((runs / "noise-0.4" / "seed_0" / "metrics" / "pairs.json").read_text())["pairs/flipped"] > 0
+    assert json.loads((runs / "main" / "seed_0" / "metrics" / "pairs.json").read_text())["pairs/flipped"] == 0
+
+
+def test_every_condition_runs_on_every_seed_of_a_level_with_its_overrides(tmp_path, monkeypatch):
+    """run_level's plan, with the pipeline flow replaced by a recorder: each seed is its own replicate
+    (seed set), the level's and the condition's overrides reach the run, each run is saved as an
+    experiment and snapshotted, and a failed run ends its seed only."""
+    from prefect.logging import disable_run_logger
+
+    from flows import study
+
+    calls, saved = [], []
+
+    def pipeline(repo_dir, methods, overrides, tags):
+        calls.append((methods, overrides, tags))
+        if overrides["seed"] == 2 and tags["study.condition"] == "noise-0.4":
+            raise RuntimeError("stage reward failed: below the gate\nmore")
+        for name in study.SNAPSHOT:
+            (tmp_path / "ws" / name).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "ws" / name / "seed.txt").write_text(str(overrides["seed"]))
+
+    monkeypatch.setattr(study.pipeline, "pipeline", pipeline)
+    monkeypatch.setattr(study, "save_experiment", lambda ws, name: saved.append(name))
+    (tmp_path / "ws").mkdir()
+    plan = study.conditions(["dpo", "grpo"], [0.4], hacking=False)
+    with disable_run_logger():
+        failed = study.run_level(tmp_path / "ws", tmp_path / "out", "hard", {"data.embedded.terms": 3}, [1, 2], plan,
+                                 "seed: 0\n")
+    assert failed == {2: "noise-0.4: stage reward failed: below the gate"}
+    assert [(c[2]["study.condition"], c[1]["seed"]) for c in calls] == [
+        ("main", 1), ("noise-0.4", 1), ("main", 2), ("noise-0.4", 2)]
+    assert all(c[1]["data.embedded.terms"] == 3 and c[2]["study.level"] == "hard" for c in calls)
+    assert calls[1][0] == ["dpo"] and calls[1][1]["pairs.flip_fraction"] == 0.4
+    assert "pairs.flip_fraction" not in calls[0][1] and calls[0][0] == ["dpo", "grpo"]
+    assert saved == ["study-hard-main-s1", "study-hard-noise-0.4-s1", "study-hard-main-s2"]
+    assert (tmp_path / "out" / "runs" / "noise-0.4" / "seed_1" / "metrics" / "seed.txt").read_text() == "1"
+    assert (tmp_path / "ws" / "params.yaml").read_text() == "seed: 0\n"  # the study's own params, back
 
 
 def test_a_distilled_policy_is_a_study_method_with_its_teacher():
