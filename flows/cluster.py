@@ -40,7 +40,7 @@ def free_port() -> int:
 def stop(*procs: subprocess.Popen) -> None:
     """Stop processes started in their own sessions, and everything they started: all asked at once (SIGINT,
     then SIGTERM, then SIGKILL to those still running), so their shutdowns overlap."""
-    for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+    for sig, wait in ((signal.SIGINT, 5), (signal.SIGTERM, 3), (signal.SIGKILL, 5)):
         alive = [p for p in procs if p.poll() is None]
         for p in alive:
             try:
