@@ -147,6 +147,19 @@ def test_every_push_gives_the_engine_the_trainers_weights(tok, wide, eng):
     eng.sync(base)  # back to the module's model for the other tests
 
 
+def test_a_push_inside_bf16_autocast_is_checked_in_fp32(tok, wide, eng):
+    """Stages sample inside bf16 autocast on GPUs and on CPUs with bf16 units (models.autocast): the push
+    check still compares the fp32 engine with the trainer's exact fp32 log-probs. (Before, on such a CPU,
+    `make real` with the engine stopped at evaluate@sft: a 0.238-nat gap taken for a stale layer.)"""
+    base, _ = wide
+    model = models.build_tiny_llama(tok, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
+                                    max_positions=32, seed=1)  # other weights than the engine has: a push
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eng.sync(model)
+        assert eng.stats["engine/push_logp_gap"] < 1e-4
+        eng.sync(base)  # back to the module's model for the other tests
+
+
 def test_a_stale_layer_is_caught(tok, wide, eng):
     """A push that leaves one layer on the old weights fails the check with one line."""
     from safetensors.torch import save_file

@@ -179,8 +179,9 @@ class VLLMEngine:
         seqs = Sequences(ids, torch.ones_like(ids), 1)
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            trainer = token_logps(model, seqs)[0].float().cpu()
+        device = next(model.parameters()).device
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # exact fp32, even inside a stage's
+            trainer = token_logps(model, seqs)[0].float().cpu()  # bf16 autocast (GPUs, CPUs with bf16 units)
         model.train(was_training)
         diff = (engine - trainer).abs()
         gap = float(diff.max() if self.dtype == "float32" else diff.mean())
