@@ -160,6 +160,23 @@ def test_a_push_inside_bf16_autocast_is_checked_in_fp32(tok, wide, eng):
         eng.sync(base)  # back to the module's model for the other tests
 
 
+def test_a_fused_optimizer_step_changes_the_weights_version():
+    """The fused AdamW (stages not in exact fp32: GPUs, CPUs with bf16 units) does not bump torch's version
+    counters by itself: without the optimizer's hook the engine kept the first weights all run long (seen
+    in `make real` with the engine: engine/pushes 1 after 48 GRPO steps)."""
+    from types import SimpleNamespace
+
+    from stages.core import train
+
+    model = torch.nn.Linear(2, 2)
+    for fused in (False, True):
+        opt = train.make_optimizer(model.parameters(), SimpleNamespace(lr=0.1, weight_decay=0.0), fused=fused)
+        before = engine.weights_version(model)
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()
+        assert engine.weights_version(model) != before, fused
+
+
 def test_a_stale_layer_is_caught(tok, wide, eng):
     """A push that leaves one layer on the old weights fails the check with one line."""
     from safetensors.torch import save_file
