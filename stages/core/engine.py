@@ -180,8 +180,9 @@ class VLLMEngine:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # exact fp32, even inside a stage's
-            trainer = token_logps(model, seqs)[0].float().cpu()  # bf16 autocast (GPUs, CPUs with bf16 units)
+        # exact fp32, even inside a stage's bf16 autocast (GPUs, CPUs with bf16 units: models.autocast)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            trainer = token_logps(model, seqs)[0].float().cpu()
         model.train(was_training)
         diff = (engine - trainer).abs()
         gap = float(diff.max() if self.dtype == "float32" else diff.mean())

@@ -37,8 +37,10 @@ def make_optimizer(params, cfg, fused: bool = False) -> torch.optim.Optimizer:
     do not compute in exact fp32 (models.exact), so the embedded default's figures stay bit-for-bit."""
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.999), fused=fused or None)
-    if fused:  # the fused kernel leaves torch's version counters as they were: the vLLM engine (engine.
-        opt.register_step_post_hook(_bump_versions)  # weights_version) would never see an update
+    # the fused kernel leaves torch's version counters as they were: without the hook the vLLM engine
+    # (engine.weights_version) would never see an update
+    if fused:
+        opt.register_step_post_hook(_bump_versions)
     return opt
 
 
